@@ -1,0 +1,25 @@
+"""atp_ops: fused attention with learnable per-key soft masks and the ATP token-pruning scores.
+
+    from atp_ops import atp_attention, atp_scores, atp_soft_mask, atp_hard_mask
+"""
+from . import reference
+from .ops import (
+    atp_attention,
+    atp_hard_mask,
+    atp_scores,
+    atp_soft_mask,
+    has_cuda_kernels,
+    redundant_score,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "atp_attention",
+    "atp_scores",
+    "atp_soft_mask",
+    "atp_hard_mask",
+    "redundant_score",
+    "has_cuda_kernels",
+    "reference",
+]

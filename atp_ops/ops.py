@@ -1,0 +1,256 @@
+"""Public ATP ops: thin wrappers over torch.ops.atp_ops with their fake kernels and autograd.
+
+The schemas and the CPU/CUDA kernels live in C++ (csrc/); this module attaches
+  * fake (meta) kernels, so the ops trace under torch.compile and FakeTensor;
+  * autograd, with each backward being an op of its own (attention_bwd, soft_mask_bwd).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.atp_ops.*)
+from .reference import compute_dtype
+
+__all__ = [
+    "atp_attention",
+    "atp_scores",
+    "atp_soft_mask",
+    "atp_hard_mask",
+    "redundant_score",
+    "has_cuda_kernels",
+]
+
+_ops = torch.ops.atp_ops
+
+
+def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    if scale is not None:
+        return float(scale)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"atp_attention: q must have shape (B, Hq, Lq, D), got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    return q.shape[-1] ** -0.5
+
+
+def has_cuda_kernels(op: str = "attention_fwd") -> bool:
+    """Whether this build registered a CUDA kernel for torch.ops.atp_ops.<op>."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"atp_ops::{op}", "CUDA")
+
+
+# ----------------------------------------------------------------------------------------------
+# atp_attention
+
+
+def atp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: Optional[torch.Tensor] = None,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention with an additive per-key bias shared by all heads (DESIGN §3.1).
+
+    ``softmax(scale * q k^T + key_bias[:, None, None, :]) v`` with GQA and bottom-right aligned
+    causal masking (query i sees keys j <= i + Lk - Lq). ``key_bias = log M`` turns the paper's
+    masked-exponent softmax ``M_j exp(s_ij) / sum_k M_k exp(s_ik)`` into this form: 0 keeps a
+    key, -inf removes it, values in between soft-mask it.
+
+    Shapes:
+        q         (B, Hq, Lq, D)    float16 / bfloat16 / float32 / float64
+        k, v      (B, Hkv, Lk, D)   same dtype; Hq % Hkv == 0
+        key_bias  (B, Lk)           float32 (float64 with float64 q), no NaN; or None
+        returns   out (B, Hq, Lq, D) in q's dtype
+                  [lse (B, Hq, Lq) float32 (float64 for float64 q), if return_lse]
+
+    A row with no finite logit returns 0 and lse = -inf. Differentiable in q, k, v, key_bias
+    (and through lse). The backward is deterministic on CPU; on CUDA it is bitwise repeatable
+    when ``torch.use_deterministic_algorithms(True)`` is set. Inputs may be non-contiguous views
+    (e.g. HF's transposed (B, L, H, D) tensors); the CPU kernel computes fp16/bf16 in float32.
+
+    Equivalent to ``atp_ops.reference.attention_ref`` without materialising (Lq, Lk).
+    """
+    out, lse = _ops.attention_fwd(q, k, v, key_bias, causal, _default_scale(q, scale))
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("atp_ops::attention_fwd")
+def _attention_fwd_fake(q, k, v, key_bias, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:3], dtype=compute_dtype(q.dtype))
+
+
+@torch.library.register_fake("atp_ops::attention_bwd")
+def _attention_bwd_fake(grad_out, grad_lse, q, k, v, key_bias, out, lse, causal, scale, deterministic):
+    dbias_dtype = key_bias.dtype if key_bias is not None else compute_dtype(q.dtype)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty((q.shape[0], k.shape[2]), dtype=dbias_dtype),
+    )
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_bias, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_bias, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, key_bias, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dbias = _ops.attention_bwd(
+        grad_out, grad_lse, q, k, v, key_bias, out, lse, ctx.causal, ctx.scale,
+        torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, (dbias if key_bias is not None else None), None, None
+
+
+torch.library.register_autograd("atp_ops::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# atp_scores
+
+
+def atp_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    key_bias: Optional[torch.Tensor],
+    w_self: torch.Tensor,
+    w_cross: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two ATP importance scores of every key (DESIGN §3.2, paper Eq. 3-4), no L x L map.
+
+    ``s_self[b, n]``: mean over heads of the w_self-weighted mean over rows of the raw logit
+    ``scale * q_m . k_n`` (no mask, Eq. 3); computed as the weighted mean query dotted with every
+    key, O(L D). ``s_cross[b, n]``: mean over heads of the w_cross-weighted mean over rows of the
+    probability the layer used, ``exp(scale q_m . k_n + key_bias_n - lse_m)`` with the causal mask
+    (Eq. 4); only rows with w_cross > 0 are recomputed. A weight sum of 0 gives scores of 0.
+
+    Shapes:
+        q (B, Hq, Lq, D), k (B, Hkv, Lk, D)   as given to atp_attention
+        lse (B, Hq, Lq)                        from atp_attention(..., return_lse=True)
+        key_bias (B, Lk) or None               the bias that forward used
+        w_self, w_cross (B, Lq)                float32/float64 row weights >= 0
+        returns s_self, s_cross                (B, Lk) float32 each
+
+    Scores carry no gradient: the inputs are detached (the paper learns thresholds, not scores).
+    """
+    scale = _default_scale(q, scale)
+    detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return _ops.scores(detach(q), detach(k), detach(lse), detach(key_bias), detach(w_self),
+                       detach(w_cross), causal, scale)
+
+
+@torch.library.register_fake("atp_ops::scores")
+def _scores_fake(q, k, lse, key_bias, w_self, w_cross, causal, scale):
+    shape = (q.shape[0], k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+def redundant_score(s_self: torch.Tensor, s_cross: torch.Tensor, kept: Optional[torch.Tensor] = None,
+                    eps: float = 1e-12) -> torch.Tensor:
+    """The paper's redundant score, "the average of S_self and S_cross" (DESIGN §3.2).
+
+    s_self is a logit and s_cross a probability, so each is first min-max normalised to [0, 1]
+    over the sample's vision tokens that are still kept (``kept``, bool (B, N); all if None),
+    then the two are averaged. Tokens not kept get 0. s_self, s_cross: (B, N) over the vision
+    tokens. This normalisation is the project's choice; it lives here and nowhere else.
+    """
+    if kept is None:
+        kept = torch.ones_like(s_self, dtype=torch.bool)
+
+    def normalise(s):
+        s = s.float()
+        lo = torch.where(kept, s, torch.full_like(s, float("inf"))).amin(-1, keepdim=True)
+        hi = torch.where(kept, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
+        span = (hi - lo).clamp_min(eps)
+        return torch.where(kept, (s - lo) / span, torch.zeros_like(s))
+
+    return 0.5 * (normalise(s_self) + normalise(s_cross))
+
+
+# ----------------------------------------------------------------------------------------------
+# atp_soft_mask / atp_hard_mask
+
+
+def atp_soft_mask(
+    s_red: torch.Tensor,
+    s_spatial: torch.Tensor,
+    theta_r: torch.Tensor,
+    theta_s: torch.Tensor,
+    temperature: float,
+    prev_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Soft threshold mask in log space, accumulated onto the previous key bias (Eq. 9-11).
+
+    ``prev_bias + log max(sigmoid((s_red - theta_r) T), sigmoid((s_spatial - theta_s) T))``,
+    computed with logsigmoid so it never underflows to -inf. Adding it to the key_bias of all
+    later layers keeps a token pruned early pruned.
+
+    Shapes: s_red (B, N); s_spatial (B, N) or (N,); theta_r, theta_s (B,); prev_bias (B, N) or
+    None (= 0); all float32 or all float64. Returns (B, N). Differentiable in s_red, s_spatial,
+    theta_r, theta_s and prev_bias. Equivalent to ``reference.soft_mask_ref``.
+    """
+    return _ops.soft_mask_fwd(s_red, s_spatial, theta_r, theta_s, float(temperature), prev_bias, False)
+
+
+def atp_hard_mask(
+    s_red: torch.Tensor,
+    s_spatial: torch.Tensor,
+    theta_r: torch.Tensor,
+    theta_s: torch.Tensor,
+    prev_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Hard mask for inference (DESIGN §3.4): ``prev_bias`` (0 if None) where
+    ``s_red > theta_r or s_spatial > theta_s``, -inf elsewhere; shapes as atp_soft_mask.
+    ``torch.isfinite(result)`` is the keep mask. Equivalent to ``reference.hard_mask_ref``."""
+    return _ops.soft_mask_fwd(s_red, s_spatial, theta_r, theta_s, 1.0, prev_bias, True)
+
+
+@torch.library.register_fake("atp_ops::soft_mask_fwd")
+def _soft_mask_fwd_fake(s_red, s_spatial, theta_r, theta_s, temperature, prev_bias, hard):
+    return s_red.new_empty(s_red.shape)
+
+
+@torch.library.register_fake("atp_ops::soft_mask_bwd")
+def _soft_mask_bwd_fake(grad, s_red, s_spatial, theta_r, theta_s, temperature):
+    b, n = s_red.shape
+    return s_red.new_empty((b, n)), s_red.new_empty((b, n)), s_red.new_empty((b,)), s_red.new_empty((b,))
+
+
+def _soft_mask_setup_context(ctx, inputs, output):
+    s_red, s_spatial, theta_r, theta_s, temperature, prev_bias, hard = inputs
+    ctx.save_for_backward(s_red, s_spatial, theta_r, theta_s, output if hard else None)
+    ctx.temperature, ctx.hard = temperature, hard
+    ctx.has_prev = prev_bias is not None
+    ctx.spatial_shape = s_spatial.shape
+
+
+def _soft_mask_backward(ctx, grad):
+    s_red, s_spatial, theta_r, theta_s, out = ctx.saved_tensors
+    if ctx.hard:
+        # Piecewise constant in the scores and thresholds; the identity in prev_bias where kept.
+        d_prev = torch.where(torch.isfinite(out), grad, torch.zeros_like(grad)) if ctx.has_prev else None
+        return None, None, None, None, None, d_prev, None
+    d_red, d_spatial, d_theta_r, d_theta_s = _ops.soft_mask_bwd(
+        grad, s_red, s_spatial, theta_r, theta_s, ctx.temperature)
+    d_spatial = d_spatial.sum_to_size(ctx.spatial_shape)
+    return d_red, d_spatial, d_theta_r, d_theta_s, None, (grad if ctx.has_prev else None), None
+
+
+torch.library.register_autograd("atp_ops::soft_mask_fwd", _soft_mask_backward,
+                                setup_context=_soft_mask_setup_context)

@@ -1,0 +1,48 @@
+// Argument validation shared by the CPU and CUDA implementations of every op.
+// Each check runs before any kernel and names the argument and the expected form (DESIGN §5).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace atp {
+
+struct AttentionShape {
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+};
+
+// q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], key_bias [B, Lk] (float32, or float64 with float64 q).
+AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const c10::optional<at::Tensor>& key_bias);
+
+// lse [B, Hq, Lq], float32 (float64 with float64 q).
+void check_lse(const char* op, const char* name, const at::Tensor& lse, const at::Tensor& q,
+               const AttentionShape& s);
+
+// A tensor of exactly `sizes` on q's device (dtype not checked).
+void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
+                      const char* form, const at::Tensor& like);
+
+// Row weights w [B, Lq], floating point, finite and >= 0.
+void check_row_weights(const char* op, const char* name, const at::Tensor& w, const at::Tensor& q,
+                       const AttentionShape& s);
+
+// s_red [B, N]; s_spatial [B, N] or [N]; theta_r, theta_s [B]; prev_bias [B, N]; all float32 or
+// all float64, on one device. Returns {B, N}.
+std::pair<int64_t, int64_t> check_soft_mask_inputs(const char* op, const at::Tensor& s_red,
+                                                   const at::Tensor& s_spatial,
+                                                   const at::Tensor& theta_r,
+                                                   const at::Tensor& theta_s, double temperature,
+                                                   const c10::optional<at::Tensor>& prev_bias);
+
+// The dtype kernels compute in: float64 stays float64, everything else runs in float32.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// `t` in dtype `dt` with a contiguous last dimension; a view where that already holds.
+inline at::Tensor as_compute(const at::Tensor& t, at::ScalarType dt) {
+  at::Tensor r = t.scalar_type() == dt ? t : t.to(dt);
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+}  // namespace atp

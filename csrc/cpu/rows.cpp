@@ -1,0 +1,154 @@
+#include "rows.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+// The float row kernels are compiled for AVX-512, AVX2 and baseline x86-64 and dispatched by the
+// loader (GCC function multi-versioning), so one wheel runs everywhere and uses wide vectors
+// where the CPU has them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ATP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ATP_CPU_CLONES
+#endif
+#define ATP_INLINE inline __attribute__((always_inline))
+
+namespace atp::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // independent partial reductions, so the loops vectorise without -ffast-math
+
+// exp(x) for float in a form the compiler vectorises: x = n ln2 + r with |r| <= ln2 / 2, a
+// degree-7 polynomial for exp(r) (Cephes coefficients, ~1 ulp), then 2^n built in the exponent
+// bits. Results below FLT_MIN flush to exactly 0, so exp(-inf) = 0 and masked keys drop out exactly.
+ATP_INLINE float exp_f32(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365478515625f;
+  const bool underflow = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return underflow ? 0.0f : p * two_n;
+}
+
+ATP_INLINE float fast_exp(float x) { return exp_f32(x); }
+ATP_INLINE double fast_exp(double x) { return std::exp(x); }
+
+// row[c] <- exp(row[c] - shift) for c < n; returns their sum.
+template <typename T>
+ATP_INLINE T exp_shift_sum(T* row, int64_t n, T shift) {
+  T part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const T p = fast_exp(row[c + u] - shift);
+      row[c + u] = p;
+      part[u] += p;
+    }
+  }
+  T sum = 0;
+  for (; c < n; ++c) {
+    const T p = fast_exp(row[c] - shift);
+    row[c] = p;
+    sum += p;
+  }
+  for (int u = 0; u < kLanes; ++u) sum += part[u];
+  return sum;
+}
+
+// row[c] <- scale * row[c] + bias[c] for c < n; returns the max.
+template <typename T>
+ATP_INLINE T scale_bias_max(T* row, int64_t n, T scale, const T* bias) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T part[kLanes];
+  for (int u = 0; u < kLanes; ++u) part[u] = kNegInf;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const T s = row[c + u] * scale + (bias ? bias[c + u] : T(0));
+      row[c + u] = s;
+      part[u] = s > part[u] ? s : part[u];
+    }
+  }
+  T mx = kNegInf;
+  for (; c < n; ++c) {
+    const T s = row[c] * scale + (bias ? bias[c] : T(0));
+    row[c] = s;
+    mx = s > mx ? s : mx;
+  }
+  for (int u = 0; u < kLanes; ++u) mx = part[u] > mx ? part[u] : mx;
+  return mx;
+}
+
+template <typename T>
+ATP_INLINE T softmax_tile_row_impl(T* row, int64_t n_valid, int64_t n, T scale, const T* bias, T& m,
+                                   T& l) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const T mx = scale_bias_max(row, n_valid, scale, bias);
+  for (int64_t c = n_valid; c < n; ++c) row[c] = 0;
+  const T m_new = mx > m ? mx : m;
+  if (m_new == kNegInf) {  // nothing visible to this row yet: p = 0, state unchanged
+    for (int64_t c = 0; c < n_valid; ++c) row[c] = 0;
+    return T(1);
+  }
+  const T alpha = m == kNegInf ? T(0) : fast_exp(m - m_new);
+  const T sum = exp_shift_sum(row, n_valid, m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+template <typename T>
+ATP_INLINE void prob_row_impl(T* row, int64_t n_valid, int64_t n, T scale, const T* bias, T lse) {
+  for (int64_t c = 0; c < n_valid; ++c) row[c] = fast_exp(row[c] * scale + (bias ? bias[c] : T(0)) - lse);
+  for (int64_t c = n_valid; c < n; ++c) row[c] = 0;
+}
+
+template <typename T>
+ATP_INLINE void softmax_bwd_row_impl(const T* p, T* dp, int64_t n, T delta, T* d_bias) {
+  for (int64_t c = 0; c < n; ++c) {
+    const T ds = p[c] * (dp[c] - delta);
+    dp[c] = ds;
+    d_bias[c] += ds;
+  }
+}
+
+}  // namespace
+
+ATP_CPU_CLONES float softmax_tile_row(float* row, int64_t n_valid, int64_t n, float scale,
+                                      const float* bias, float& m, float& l) {
+  return softmax_tile_row_impl(row, n_valid, n, scale, bias, m, l);
+}
+double softmax_tile_row(double* row, int64_t n_valid, int64_t n, double scale, const double* bias,
+                        double& m, double& l) {
+  return softmax_tile_row_impl(row, n_valid, n, scale, bias, m, l);
+}
+
+ATP_CPU_CLONES void prob_row(float* row, int64_t n_valid, int64_t n, float scale, const float* bias,
+                             float lse) {
+  prob_row_impl(row, n_valid, n, scale, bias, lse);
+}
+void prob_row(double* row, int64_t n_valid, int64_t n, double scale, const double* bias, double lse) {
+  prob_row_impl(row, n_valid, n, scale, bias, lse);
+}
+
+ATP_CPU_CLONES void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias) {
+  softmax_bwd_row_impl(p, dp, n, delta, d_bias);
+}
+void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias) {
+  softmax_bwd_row_impl(p, dp, n, delta, d_bias);
+}
+
+}  // namespace atp::cpu

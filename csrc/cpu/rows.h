@@ -1,0 +1,27 @@
+// Vectorised row kernels of the CPU attention: the softmax work between the tile GEMMs.
+// Defined in rows.cpp (no torch headers), where the float versions are compiled for several
+// instruction sets and picked at load time.
+#pragma once
+#include <cstdint>
+
+namespace atp::cpu {
+
+// Online-softmax step of one query row against one key tile (FlashAttention-2, forward).
+// In: row[0, n) raw q.k products. Columns >= n_valid are masked (causal). On return row holds
+// p = exp(scale * s + bias - m_new) (0 where masked) and (m, l) the running max and sum.
+// Returns alpha = exp(m_old - m_new), the factor the row's output accumulator must be scaled by.
+float softmax_tile_row(float* row, int64_t n_valid, int64_t n, float scale, const float* bias,
+                       float& m, float& l);
+double softmax_tile_row(double* row, int64_t n_valid, int64_t n, double scale, const double* bias,
+                        double& m, double& l);
+
+// Probabilities of one row from its final lse: row[c] = exp(scale * row[c] + bias[c] - lse) for
+// c < n_valid, 0 beyond. lse must be finite. bias may be null.
+void prob_row(float* row, int64_t n_valid, int64_t n, float scale, const float* bias, float lse);
+void prob_row(double* row, int64_t n_valid, int64_t n, double scale, const double* bias, double lse);
+
+// Softmax backward of one row: dp[c] = p[c] * (dp[c] - delta), and d_bias[c] += dp[c].
+void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias);
+void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias);
+
+}  // namespace atp::cpu

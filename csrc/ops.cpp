@@ -1,0 +1,36 @@
+// Op schemas (defined once, here) and the CPU implementations' registration. Fake kernels and
+// autograd are attached from Python (atp_ops/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// An importable module, so `import atp_ops._C` loads the library and runs the registrations.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "atp_ops kernels (registered as torch.ops.atp_ops)",
+                            -1, nullptr};
+  return PyModule_Create(&def);
+}
+
+TORCH_LIBRARY(atp_ops, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_bias, bool causal, float scale)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
+        " Tensor? key_bias, Tensor out, Tensor lse, bool causal, float scale, bool deterministic)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor d_key_bias)");
+  m.def("scores(Tensor q, Tensor k, Tensor lse, Tensor? key_bias, Tensor w_self, Tensor w_cross,"
+        " bool causal, float scale) -> (Tensor s_self, Tensor s_cross)");
+  m.def("soft_mask_fwd(Tensor s_red, Tensor s_spatial, Tensor theta_r, Tensor theta_s,"
+        " float temperature, Tensor? prev_bias, bool hard) -> Tensor");
+  m.def("soft_mask_bwd(Tensor grad, Tensor s_red, Tensor s_spatial, Tensor theta_r,"
+        " Tensor theta_s, float temperature)"
+        " -> (Tensor d_s_red, Tensor d_s_spatial, Tensor d_theta_r, Tensor d_theta_s)");
+}
+
+TORCH_LIBRARY_IMPL(atp_ops, CPU, m) {
+  m.impl("attention_fwd", &atp::attention_fwd_cpu);
+  m.impl("attention_bwd", &atp::attention_bwd_cpu);
+  m.impl("scores", &atp::scores_cpu);
+  m.impl("soft_mask_fwd", &atp::soft_mask_fwd_cpu);
+  m.impl("soft_mask_bwd", &atp::soft_mask_bwd_cpu);
+}

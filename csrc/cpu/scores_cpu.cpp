@@ -10,6 +10,7 @@
 #include "cpu/rows.h"
 #include "cpu/tiles.h"
 #include "ops.h"
+#include "scores_host.h"
 
 namespace atp {
 namespace {
@@ -19,17 +20,6 @@ using cpu::kBlockK;
 using cpu::kBlockQ;
 using cpu::TileBuffer;
 using cpu::visible_keys;
-
-// Eq. 3 is linear in q: the w-weighted mean query of each head, dotted with every key, averaged
-// over heads. O(B H (Lq + Lk) D); no attention pass.
-at::Tensor self_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, double scale) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
-  const at::Tensor w_sum = w.sum(-1);
-  const at::Tensor q_mean = at::einsum("bm,bhmd->bhd", {w, q});  // sum_m w_m q_m
-  const at::Tensor q_group = q_mean.view({B, Hkv, Hq / Hkv, D}).sum(2);
-  const at::Tensor s = at::einsum("bgd,bgnd->bn", {q_group, k}) * (scale / Hq);
-  return at::where(w_sum.unsqueeze(1) > 0, s / w_sum.unsqueeze(1), at::zeros_like(s));
-}
 
 // Eq. 4: the w-weighted column sums of P over the rows with w > 0 only, each recomputed from
 // the forward's lse. Tasks own (batch, key tile), so no two write the same output.

@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "cuda/attention_params.h"
+#include "cuda/static_switch.h"
 #include "soft_mask.h"
 
 namespace atp::cuda {
@@ -10,5 +12,61 @@ namespace atp::cuda {
 // dtype: 0 = float32, 1 = float64.
 void soft_mask_fwd_launch(const SoftMaskParams& p, int dtype, cudaStream_t stream);
 void soft_mask_bwd_launch(const SoftMaskParams& p, int dtype, cudaStream_t stream);
+
+// The 16-bit dtypes the attention kernels are built for.
+enum class AttnDtype { kFloat16, kBFloat16 };
+
+// One explicit specialisation per (dtype, head dim) in attention_{fwd,bwd}_<dtype>_hdim<D>.cu,
+// so ninja compiles them in parallel. kD is 64 or 128.
+template <AttnDtype kDtype, int kD>
+void attention_fwd_run(const AttentionFwdParams& p, cudaStream_t stream);
+template <AttnDtype kDtype, int kD>
+void attention_bwd_run(const AttentionBwdParams& p, cudaStream_t stream);
+
+// The specialisations that exist (declared before the dispatchers below use them).
+template <>
+void attention_fwd_run<AttnDtype::kFloat16, 64>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
+void attention_fwd_run<AttnDtype::kFloat16, 128>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
+void attention_fwd_run<AttnDtype::kBFloat16, 64>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
+void attention_fwd_run<AttnDtype::kBFloat16, 128>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
+void attention_bwd_run<AttnDtype::kFloat16, 64>(const AttentionBwdParams& p, cudaStream_t stream);
+template <>
+void attention_bwd_run<AttnDtype::kFloat16, 128>(const AttentionBwdParams& p, cudaStream_t stream);
+template <>
+void attention_bwd_run<AttnDtype::kBFloat16, 64>(const AttentionBwdParams& p, cudaStream_t stream);
+template <>
+void attention_bwd_run<AttnDtype::kBFloat16, 128>(const AttentionBwdParams& p, cudaStream_t stream);
+
+// Split-K keys are cut at multiples of this, a multiple of every forward key tile.
+constexpr int kSplitKeyGranule = 64;
+
+inline void attention_fwd_launch(const AttentionFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  HEADDIM_SWITCH(p.D, kD, [&] {
+    if (dtype == AttnDtype::kFloat16) {
+      attention_fwd_run<AttnDtype::kFloat16, kD>(p, stream);
+    } else {
+      attention_fwd_run<AttnDtype::kBFloat16, kD>(p, stream);
+    }
+  });
+}
+
+inline void attention_bwd_launch(const AttentionBwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  HEADDIM_SWITCH(p.D, kD, [&] {
+    if (dtype == AttnDtype::kFloat16) {
+      attention_bwd_run<AttnDtype::kFloat16, kD>(p, stream);
+    } else {
+      attention_bwd_run<AttnDtype::kBFloat16, kD>(p, stream);
+    }
+  });
+}
+
+// s_cross of atp_scores (scores.cu). dtype: 0 = float16, 1 = bfloat16, 2 = float32.
+// Requires p.D <= kCrossScoresMaxHeadDim.
+constexpr int kCrossScoresMaxHeadDim = 256;
+void cross_scores_launch(const CrossScoresParams& p, int dtype, cudaStream_t stream);
 
 }  // namespace atp::cuda

@@ -31,6 +31,7 @@ void cross_scores_kernel(const at::Tensor& q, const at::Tensor& k, const scalar_
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), group = Hq / Hkv, offset = Lk - Lq;
   const auto opts = q.options();
+  const int64_t q_row_stride = q.stride(2);
   const scalar_t* w_ptr = w.data_ptr<scalar_t>();  // contiguous [B, Lq]
   float* out = s_cross.data_ptr<float>();          // contiguous [B, Lk]
 
@@ -52,7 +53,7 @@ void cross_scores_kernel(const at::Tensor& q, const at::Tensor& k, const scalar_
       const scalar_t* bias = key_bias ? key_bias + b * bias_stride + j0 : nullptr;
       std::fill(acc.begin(), acc.begin() + nk, scalar_t(0));
       for (int64_t h = 0; h < Hq && !rows[b].empty(); ++h) {
-        const at::Tensor qbh = q[b][h];
+        const scalar_t* q_bh = q.data_ptr<scalar_t>() + b * q.stride(0) + h * q.stride(1);
         const at::Tensor kj = k[b][h / group].narrow(0, j0, nk);
         const scalar_t* lse_bh = lse + (b * Hq + h) * Lq;
         for (size_t c0 = 0; c0 < rows[b].size(); c0 += kBlockQ) {
@@ -60,7 +61,7 @@ void cross_scores_kernel(const at::Tensor& q, const at::Tensor& k, const scalar_
           // Gather the chosen query rows (contiguous along D) into one tile.
           at::Tensor q_sel = q_buf.view(nr, D, opts);
           for (int64_t r = 0; r < nr; ++r) {
-            std::memcpy(q_buf.data.data() + r * D, qbh[rows[b][c0 + r]].data_ptr<scalar_t>(),
+            std::memcpy(q_buf.data.data() + r * D, q_bh + rows[b][c0 + r] * q_row_stride,
                         D * sizeof(scalar_t));
           }
           at::Tensor s = s_buf.view(nr, nk, opts);

@@ -1,1 +1,31 @@
-"""ATP-LLaVA integration layer (Hugging Face LLaVA -> ATP-LLaVA). Built on atp_ops."""
+"""ATP-LLaVA integration layer (Hugging Face LLaVA -> ATP-LLaVA). Built on atp_ops.
+
+    from atp_llava import ATPConfig, apply_atp
+    model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
+"""
+from .config import ATPConfig
+from .io import load_atp, read_atp_config, save_atp
+from .layout import VisionLayout
+from .losses import atp_losses, tokens_per_layer
+from .modules import ATPModules, ThresholdMLP
+from .patch import ATTN_IMPLEMENTATION, SUPPORTED_TRANSFORMERS, apply_atp, check_transformers_version, get_atp_controller
+from .spatial import default_strides, spatial_score
+
+__all__ = [
+    "ATPConfig",
+    "apply_atp",
+    "save_atp",
+    "load_atp",
+    "read_atp_config",
+    "ATPModules",
+    "ThresholdMLP",
+    "VisionLayout",
+    "atp_losses",
+    "tokens_per_layer",
+    "spatial_score",
+    "default_strides",
+    "get_atp_controller",
+    "check_transformers_version",
+    "ATTN_IMPLEMENTATION",
+    "SUPPORTED_TRANSFORMERS",
+]

@@ -1,0 +1,123 @@
+"""ATPConfig: every knob of ATP-LLaVA training in one serialisable dataclass.
+
+Layer convention (paper Table 2: "Pruning Layer Indexes ... starting from 0 and occurring prior
+to input"): an ATP layer index ``l`` prunes *before* decoder layer ``l``. Its importance scores
+come from the attention of decoder layer ``l - 1`` (paper 3.1: "based on the self-attention map
+from the previous layer"), and its mask is added to the key bias of layers ``l, l+1, ...``.
+So ``l`` must satisfy ``1 <= l < num_hidden_layers``. ``score_layer(l) == l - 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ["ATPConfig", "MODES"]
+
+MODES = ("adaptive", "fixed")
+
+
+@dataclass
+class ATPConfig:
+    """Configuration of the ATP modules and of the ATP-LLaVA training objective.
+
+    Attributes:
+        layers: ATP layer indexes, increasing; ATP at ``l`` prunes before decoder layer ``l``
+            using the attention of layer ``l - 1``. LLaVA-1.5 in the paper: (4, 14, 24).
+        target_tokens: N_target of Eq. 13, vision tokens per image averaged over all decoder
+            layers (the paper's "Token" column, e.g. 144).
+        temperature: T of Eq. 9-10.
+        lambda_atp, lambda_target: weights of L_ATP and L_target in Eq. 14.
+        lambda_sample: lambda_sample of Eq. 5 (paper: 3).
+        strides: spatial sampling strides of Eq. 5; None = every stride whose score
+            ``1 - lambda_sample / s^2`` lies in (0, 1] (DESIGN §3.3).
+        image_grid: (H, W) vision-token grid of one image; None = inferred from the vision
+            config (image_size // patch_size, e.g. 24 x 24 = 576 for LLaVA-1.5 at 336 px).
+        mlp_width: width of z in Eq. 6.
+        init_threshold: initial theta_r and theta_s (the heads' bias is its logit); small keeps
+            most tokens at the start of training.
+        mode: "adaptive" (learned thresholds, soft masks in training, Eq. 6-11) or "fixed"
+            (paper Table 2: top-k by the same redundant score at the same layers, tokens masked
+            with -inf, no learned parameters).
+        fixed_keep: "fixed" mode: vision tokens per image kept after each ATP layer, one per
+            entry of ``layers`` (e.g. (136, 68, 34)).
+        train_lm: False = frozen LM, only the ATP modules train (paper Table 3 "Frozen");
+            True = the language model, projector and lm_head train as well (vision tower frozen,
+            as in LLaVA-1.5 instruction tuning).
+        hard_in_eval: in ``model.eval()`` the masks are hard (Eq. 9-11 thresholded, -inf
+            bias), which is what inference with real pruning computes for the kept tokens.
+        theta_override: (theta_r, theta_s) used instead of the MLP's thresholds (ablations,
+            tests). Values outside (0, 1) are allowed: (-5, -5) with T >= 10 keeps every token
+            with a bias of exactly 0 in float32.
+    """
+
+    layers: Tuple[int, ...] = (4, 14, 24)
+    target_tokens: float = 144.0
+    temperature: float = 10.0
+    lambda_atp: float = 0.05
+    lambda_target: float = 0.2
+    lambda_sample: float = 3.0
+    strides: Optional[Tuple[int, ...]] = None
+    image_grid: Optional[Tuple[int, int]] = None
+    mlp_width: int = 256
+    init_threshold: float = 0.1
+    mode: str = "adaptive"
+    fixed_keep: Optional[Tuple[int, ...]] = None
+    train_lm: bool = False
+    hard_in_eval: bool = True
+    theta_override: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self):
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers:
+            raise ValueError("ATPConfig.layers must name at least one ATP layer")
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ValueError(f"ATPConfig.layers must be strictly increasing, got {self.layers}")
+        if self.layers[0] < 1:
+            raise ValueError(f"ATPConfig.layers: ATP at layer l uses layer l-1's attention, so l >= 1; "
+                             f"got {self.layers}")
+        if self.mode not in MODES:
+            raise ValueError(f"ATPConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.strides is not None:
+            self.strides = tuple(int(s) for s in self.strides)
+        if self.image_grid is not None:
+            self.image_grid = tuple(int(s) for s in self.image_grid)
+            if len(self.image_grid) != 2:
+                raise ValueError(f"ATPConfig.image_grid must be (H, W), got {self.image_grid}")
+        if self.mode == "fixed":
+            if self.fixed_keep is None or len(self.fixed_keep) != len(self.layers):
+                raise ValueError("ATPConfig.fixed_keep must give one kept-token count per ATP layer in "
+                                 f"mode='fixed'; layers={self.layers}, fixed_keep={self.fixed_keep}")
+            self.fixed_keep = tuple(int(x) for x in self.fixed_keep)
+            if not self.train_lm:
+                raise ValueError("ATPConfig: mode='fixed' has no learned parameters; it needs train_lm=True")
+        if self.theta_override is not None:
+            self.theta_override = tuple(float(x) for x in self.theta_override)
+        if self.temperature <= 0:
+            raise ValueError(f"ATPConfig.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.init_threshold < 1.0:
+            raise ValueError(f"ATPConfig.init_threshold must lie in (0, 1), got {self.init_threshold}")
+
+    @staticmethod
+    def score_layer(atp_layer: int) -> int:
+        """Decoder layer whose attention (q, k, lse) feeds the ATP module at ``atp_layer``."""
+        return atp_layer - 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ATPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ATPConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ATPConfig":
+        return cls.from_dict(json.loads(s))

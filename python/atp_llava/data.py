@@ -1,0 +1,188 @@
+"""Datasets of (image, prompt, answer) for ATP-LLaVA training, and their collator.
+
+Every dataset yields examples of the same form:
+    {"pixel_values": (k, 3, S, S) float32, "input_ids": list[int], "labels": list[int]}
+where ``input_ids`` already holds ``n_grid`` image tokens per image (k images) and ``labels`` is
+-100 on everything but the answer (HF convention).
+
+* ``SyntheticDataset``: random images and token prompts with a learnable answer (an image class),
+  for smoke tests of the whole pipeline on a tiny model, no tokenizer needed.
+* ``RecordsDataset``: a list of dicts or a local JSON/JSONL file of records
+  ``{"image": path | [paths], "prompt": str, "answer": str}`` tokenized with a Hugging Face
+  tokenizer in the LLaVA-1.5 template. Images load from ``.pt``/``.npy`` arrays (C, H, W) or
+  (H, W, C), or any format PIL reads when PIL is installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .layout import IGNORE_INDEX
+
+__all__ = ["SyntheticDataset", "RecordsDataset", "collate", "load_image", "CLIP_MEAN", "CLIP_STD",
+           "LLAVA_TEMPLATE"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LLAVA_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """``n`` random examples: each has 1..max_images images of one of ``num_classes`` patterns
+    plus noise, a prompt of random tokens, and an answer that names the class of every image.
+
+    Token ids: 1 bos, 2 eos, ``image_token_id`` for vision tokens, prompt words in
+    [3, 3 + 64), answers ``answer_base + class``.
+    """
+
+    def __init__(self, n: int, image_token_id: int, n_grid: int, image_size: int, vocab_size: int,
+                 max_images: int = 1, num_classes: int = 8, seed: int = 0):
+        if vocab_size < 3 + 64 + num_classes + 1:
+            raise ValueError(f"SyntheticDataset: vocab_size {vocab_size} too small")
+        self.n, self.image_token_id, self.n_grid, self.image_size = n, image_token_id, n_grid, image_size
+        self.max_images, self.num_classes, self.seed = max_images, num_classes, seed
+        self.answer_base = 3 + 64
+        g = torch.Generator().manual_seed(seed)
+        self.patterns = torch.randn(num_classes, 3, image_size, image_size, generator=g)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        k = int(torch.randint(1, self.max_images + 1, (1,), generator=g))
+        classes = torch.randint(0, self.num_classes, (k,), generator=g)
+        pixels = self.patterns[classes] + 0.5 * torch.randn(k, 3, self.image_size, self.image_size, generator=g)
+        words = lambda m: torch.randint(3, 3 + 64, (m,), generator=g).tolist()  # noqa: E731
+        ids = [1] + words(int(torch.randint(2, 6, (1,), generator=g)))
+        for _ in range(k):
+            ids += [self.image_token_id] * self.n_grid + words(int(torch.randint(1, 4, (1,), generator=g)))
+        ids += words(int(torch.randint(3, 10, (1,), generator=g)))
+        answer = [self.answer_base + int(c) for c in classes] + [2]
+        return {"pixel_values": pixels, "input_ids": ids + answer,
+                "labels": [IGNORE_INDEX] * len(ids) + answer}
+
+
+def load_image(image: Union[str, os.PathLike, torch.Tensor, Any]) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1] from a path (.pt, .npy, or a PIL-readable file), a tensor or an
+    array ((C, H, W) or (H, W, C); uint8 is scaled by 1/255)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.endswith(".pt"):
+            image = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.endswith(".npy"):
+            import numpy as np
+
+            image = torch.from_numpy(np.load(path))
+        else:
+            try:
+                from PIL import Image
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ImportError(f"load_image: reading {path!r} needs PIL (pip install pillow); "
+                                  ".pt and .npy images need nothing") from e
+            import numpy as np
+
+            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")))
+    t = torch.as_tensor(image)
+    if t.dim() != 3:
+        raise ValueError(f"load_image: expected a 3D image, got shape {tuple(t.shape)}")
+    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
+        t = t.permute(2, 0, 1)
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t.contiguous()
+
+
+def _preprocess(image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Resize (bicubic, no crop) to size x size and normalise as the CLIP image processor does."""
+    x = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class RecordsDataset(torch.utils.data.Dataset):
+    """Records ``{"image": path | [paths] | tensor, "prompt": str, "answer": str}`` from a list or
+    a local .json (a list) / .jsonl file, tokenized in the LLaVA-1.5 template::
+
+        <bos> USER: <image>\\n{prompt} ASSISTANT: {answer}<eos>
+
+    Each image placeholder becomes ``n_grid`` image tokens; several images give several
+    placeholders, newline-separated. Relative image paths resolve against the file's folder.
+    ``tokenizer`` is any Hugging Face tokenizer (``encode``, ``bos_token_id``, ``eos_token_id``).
+    """
+
+    def __init__(self, records: Union[str, os.PathLike, List[Dict[str, Any]]], tokenizer, image_token_id: int,
+                 n_grid: int, image_size: int, image_mean: Sequence[float] = CLIP_MEAN,
+                 image_std: Sequence[float] = CLIP_STD, template: str = LLAVA_TEMPLATE):
+        root = None
+        if isinstance(records, (str, os.PathLike)):
+            path = os.fspath(records)
+            root = os.path.dirname(os.path.abspath(path))
+            with open(path) as f:
+                records = ([json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl")
+                           else json.load(f))
+        for i, r in enumerate(records):
+            missing = {"image", "prompt", "answer"} - set(r)
+            if missing:
+                raise ValueError(f"RecordsDataset: record {i} lacks {sorted(missing)}")
+        self.records, self.root, self.tokenizer = list(records), root, tokenizer
+        self.image_token_id, self.n_grid, self.image_size = image_token_id, n_grid, image_size
+        self.image_mean, self.image_std, self.template = tuple(image_mean), tuple(image_std), template
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _resolve(self, image):
+        if isinstance(image, (str, os.PathLike)) and self.root and not os.path.isabs(image):
+            return os.path.join(self.root, image)
+        return image
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        r = self.records[i]
+        images = r["image"] if isinstance(r["image"], (list, tuple)) else [r["image"]]
+        pixels = torch.stack([_preprocess(load_image(self._resolve(im)), self.image_size, self.image_mean,
+                                          self.image_std) for im in images])
+        marker = "\x00IMAGE\x00"
+        prompt = self.template.format(image="\n".join([marker] * len(images)), prompt=r["prompt"])
+        ids: List[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        pieces = prompt.split(marker)
+        for j, piece in enumerate(pieces):
+            if piece:
+                ids += self._encode(piece)
+            if j < len(pieces) - 1:
+                ids += [self.image_token_id] * self.n_grid
+        answer = self._encode(" " + r["answer"])
+        if self.tokenizer.eos_token_id is not None:
+            answer.append(self.tokenizer.eos_token_id)
+        return {"pixel_values": pixels, "input_ids": ids + answer, "labels": [IGNORE_INDEX] * len(ids) + answer}
+
+
+def collate(batch: List[Dict[str, Any]], pad_token_id: int = 0, padding_side: str = "right") -> Dict[str, torch.Tensor]:
+    """Pad a list of examples into model inputs.
+
+    Returns input_ids, attention_mask, labels (B, L) and pixel_values (sum of images, 3, S, S) in
+    sample order, as LlavaForConditionalGeneration expects.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"collate: padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for b, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        ids[b, sl] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[b, sl] = torch.tensor(ex["labels"], dtype=torch.long)
+        mask[b, sl] = 1
+    pixels = torch.cat([ex["pixel_values"] for ex in batch], dim=0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}

@@ -1,0 +1,61 @@
+"""Save and load the ATP module weights on their own (safetensors), to ship beside a base model.
+
+The file holds ``model.atp.state_dict()`` (keys like ``mlps.4.proj.weight``) and, in its
+metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fresh stock model.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .config import ATPConfig
+
+__all__ = ["save_atp", "load_atp", "read_atp_config"]
+
+_CONFIG_KEY = "atp_config"
+_FORMAT_KEY = "format"
+_FORMAT = "atp_llava/1"
+
+
+def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``model.atp``'s parameters and its ATPConfig to ``path`` (.safetensors)."""
+    from safetensors.torch import save_file
+
+    atp = getattr(model, "atp", None)
+    if atp is None:
+        raise ValueError("save_atp: the model has no ATP modules (apply_atp first)")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in atp.state_dict().items()}
+    save_file(tensors, str(path), metadata={_CONFIG_KEY: atp.config.to_json(), _FORMAT_KEY: _FORMAT})
+
+
+def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
+    """The ATPConfig stored in an ATP weights file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get(_FORMAT_KEY) != _FORMAT or _CONFIG_KEY not in meta:
+        raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {meta.get(_FORMAT_KEY)!r})")
+    return ATPConfig.from_json(meta[_CONFIG_KEY])
+
+
+def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[ATPConfig] = None,
+             strict: bool = True) -> nn.Module:
+    """Load ATP weights into ``model``; returns the model.
+
+    A stock model (no ``model.atp`` yet) is first turned into ATP-LLaVA with ``config`` or, if
+    None, the config stored in the file. A model that already has ATP modules keeps its config.
+    """
+    from safetensors.torch import load_file
+
+    from .patch import apply_atp
+
+    if getattr(model, "atp", None) is None:
+        apply_atp(model, config if config is not None else read_atp_config(path))
+    device = next(model.atp.parameters(), model.atp.s_spatial).device
+    state = load_file(str(path), device=str(device))
+    model.atp.load_state_dict(state, strict=strict)
+    return model

@@ -1,0 +1,65 @@
+"""Budget losses of ATP-LLaVA (paper Eq. 12-14, DESIGN §3.5) and the token accounting behind them.
+
+Token counts are soft: the number of tokens an image keeps after an ATP layer is the sum of its
+cumulative mask ``exp(key_bias)`` over its vision tokens (a token pruned early stays pruned, so
+the cumulative mask is what "remaining tokens" means). All counts are per image; a sample with
+several images counts the mean over its images, so ``target_tokens`` means tokens per image.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from .layout import VisionLayout
+
+__all__ = ["tokens_per_layer", "atp_losses"]
+
+
+def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int, n_grid: int) -> torch.Tensor:
+    """Vision tokens seen by every decoder layer.
+
+    kept: (B, K) tokens per image kept after each of the K ATP layers (differentiable).
+    Returns (B, num_layers): ``n_grid`` before the first ATP layer, then the count after the
+    latest ATP layer at or before each decoder layer.
+    """
+    b = kept.shape[0]
+    cols = []
+    k = -1
+    for j in range(num_layers):
+        while k + 1 < len(atp_layers) and atp_layers[k + 1] <= j:
+            k += 1
+        cols.append(kept.new_full((b,), float(n_grid)) if k < 0 else kept[:, k])
+    return torch.stack(cols, dim=1)
+
+
+def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int,
+               target_tokens: float) -> Dict[str, torch.Tensor]:
+    """L_ATP (Eq. 12), N_bar and L_target (Eq. 13) of one batch.
+
+    kept: (B, K) soft tokens per image kept after each ATP layer (per-sample mean over images).
+    Samples without an image do not enter the averages.
+
+    Returns a dict of tensors:
+        loss_atp    () sum_k (kept_k / N_vis) * i_k, averaged over samples (N_vis = H * W)
+        n_bar       (B,) vision tokens per decoder layer, averaged over the layers
+        n_bar_batch () n_bar averaged over the batch (the paper's "Token" column)
+        loss_target () |n_bar_batch - target_tokens|
+        per_layer   (B, num_layers) tokens seen by each decoder layer
+    """
+    n_grid = layout.n_grid
+    has_image = layout.images_per_sample > 0
+    weights = has_image.to(kept.dtype)
+    n_samples = weights.sum().clamp_min(1.0)
+    depth = torch.tensor([float(i) for i in atp_layers], dtype=kept.dtype, device=kept.device)
+    loss_atp_sample = (kept / n_grid * depth).sum(1)  # Eq. 12
+    per_layer = tokens_per_layer(kept, atp_layers, num_layers, n_grid) * weights[:, None]
+    n_bar = per_layer.mean(1)
+    n_bar_batch = (n_bar * weights).sum() / n_samples
+    return {
+        "loss_atp": (loss_atp_sample * weights).sum() / n_samples,
+        "n_bar": n_bar,
+        "n_bar_batch": n_bar_batch,
+        "loss_target": (n_bar_batch - target_tokens).abs() if bool(has_image.any()) else n_bar_batch * 0.0,
+        "per_layer": per_layer,
+    }

@@ -1,0 +1,413 @@
+"""apply_atp: turn a stock transformers LlavaForConditionalGeneration into ATP-LLaVA in place.
+
+No modeling file is copied. The model stays stock except for:
+  * its text config's attention implementation, set to ``"atp"``: a function registered in
+    transformers' ``AttentionInterface`` that runs ``atp_ops.atp_attention`` with the cumulative
+    per-key bias (padding -inf + accumulated log soft masks), and a matching entry in
+    ``AttentionMaskInterface`` that hands the 2D padding mask through instead of a 4D mask;
+  * ``model.atp`` (ATPModules: threshold MLPs, spatial score), a registered submodule;
+  * forward hooks: on the model (build the batch's vision layout before, add the ATP losses and
+    ``atp_stats`` to the output after), on the language model (hand the per-forward state down
+    to the attention function as a keyword argument) and on every ATP decoder layer (the ATP
+    module itself, run before the layer's forward).
+
+Per-forward state travels as the ``atp_state`` keyword argument, which transformers forwards
+from the language model through the decoder layers into the attention function. Gradient
+checkpointing (transformers' default, non-reentrant) keeps that keyword in the layer's replay,
+and the ATP modules run in pre-hooks, outside the checkpointed forward, so a replay only reads
+the bias its layer used and never repeats an ATP step.
+
+Adding another decoder (e.g. Qwen2 as the LLaVA text model) needs only what
+``_language_model`` reads: decoder layers under ``language_model.layers`` whose attention module
+has ``layer_idx`` and calls the attention interface; the attention function refuses sliding
+windows, which it does not implement.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import atp_ops
+
+from .config import ATPConfig
+from .layout import VisionLayout
+from .losses import atp_losses
+from .modules import ATPModules
+
+__all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "ATPState", "get_atp_controller",
+           "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
+
+ATTN_IMPLEMENTATION = "atp"
+# Tested on 5.24.0; the APIs used (AttentionInterface, AttentionMaskInterface, LlavaModel with
+# ``language_model``, set_attn_implementation with a dict, the ``cache`` keyword) are 5.x ones.
+SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
+
+
+def _version_tuple(v: str) -> Tuple[int, ...]:
+    parts = []
+    for p in v.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_transformers_version(version: Optional[str] = None) -> str:
+    """Raise a RuntimeError unless transformers is within SUPPORTED_TRANSFORMERS; return it."""
+    import transformers
+
+    version = version or transformers.__version__
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not _version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi):
+        raise RuntimeError(f"atp_llava supports transformers >= {lo}, < {hi}; found {version}")
+    return version
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-forward state
+
+
+@dataclass
+class ATPState:
+    """Everything one forward pass of an ATP model carries between its layers.
+
+    bias_by_layer: decoder layer -> the (B, L) key_bias it used (read again by a checkpoint
+        replay). ``current_bias`` is what the next layer that has not run yet will use.
+    img_bias: (I, N) cumulative log mask of every image's tokens (differentiable).
+    captures: score layer -> detached (q, k, lse, key_bias, scale) for the ATP step after it.
+    kept, theta_r, theta_s: one (I,) tensor per ATP layer run so far.
+    """
+
+    layout: VisionLayout
+    hard: bool
+    current_bias: torch.Tensor
+    img_bias: torch.Tensor
+    score_layers: Tuple[int, ...]
+    bias_by_layer: Dict[int, torch.Tensor] = field(default_factory=dict)
+    captures: Dict[int, Tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    kept: List[torch.Tensor] = field(default_factory=list)
+    theta_r: List[torch.Tensor] = field(default_factory=list)
+    theta_s: List[torch.Tensor] = field(default_factory=list)
+
+    def bias_for_layer(self, layer_idx: int) -> torch.Tensor:
+        bias = self.bias_by_layer.get(layer_idx)
+        if bias is None:
+            bias = self.bias_by_layer[layer_idx] = self.current_bias
+        return bias
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function and its mask function
+
+
+def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                          **kwargs) -> Tuple[torch.Tensor, None]:
+    """transformers attention function ``"atp"``: ``atp_ops.atp_attention`` with a per-key bias.
+
+    query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) as the HF attention module passes them;
+    attention_mask is the 2D bool padding mask (B, Lk) from ``atp_mask`` or None. Returns
+    (attn_output (B, Lq, Hq, D), None): attention weights are never materialised.
+
+    Inside an ATP forward (``atp_state`` keyword) the key bias is the cumulative one of this
+    layer; at a score layer q, k, lse are kept (detached) for the ATP module that follows.
+    """
+    if dropout:
+        raise ValueError("atp attention: attention dropout is not supported (config.attention_dropout "
+                         f"must be 0 in training), got {dropout}")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("atp attention: sliding-window attention is not supported")
+    state: Optional[ATPState] = kwargs.get("atp_state")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    layer_idx = module.layer_idx
+    lq, lk = query.shape[2], key.shape[2]
+    if state is not None and lq == lk == state.layout.seq_len:
+        key_bias = state.bias_for_layer(layer_idx)
+    elif attention_mask is None:
+        key_bias = None
+    elif attention_mask.dim() == 2:
+        valid = attention_mask[:, -lk:].to(device=query.device, dtype=torch.bool)
+        key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=query.device).masked_fill(
+            ~valid, float("-inf"))
+    else:
+        raise ValueError("atp attention: expected a 2D padding mask (B, Lk) or None, got a mask of shape "
+                         f"{tuple(attention_mask.shape)}; 4D masks cannot be turned into a per-key bias")
+    if key_bias is not None and query.dtype == torch.float64:
+        key_bias = key_bias.double()
+    out, lse = atp_ops.atp_attention(query, key, value, key_bias, causal=causal, scale=scaling,
+                                     return_lse=True)
+    if state is not None and layer_idx in state.score_layers and layer_idx not in state.captures \
+            and lq == lk == state.layout.seq_len:
+        state.captures[layer_idx] = (query.detach(), key.detach(), lse.detach(),
+                                     None if key_bias is None else key_bias.detach(), scaling, causal)
+    return out.transpose(1, 2), None
+
+
+def atp_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+             mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """AttentionMaskInterface entry for ``"atp"``: the 2D padding mask (B, kv_length) as is (or
+    None when nothing is padded); causality is the kernel's and the bias is built per key."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register_attention() -> None:
+    """Register ``"atp"`` in transformers' attention and attention-mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, atp_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, atp_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# The controller: hooks that run the ATP modules and the losses
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers"):
+        raise TypeError(f"apply_atp: expected a LlavaForConditionalGeneration-like model with "
+                        f"model.model.language_model.layers, got {type(model).__name__}")
+    return lm
+
+
+class ATPController:
+    """Owns the hooks of one ATP model. Plain object (no parameters): ``model.atp`` holds those."""
+
+    def __init__(self, model: nn.Module, atp: ATPModules, image_token_id: int, num_layers: int):
+        self.atp = atp
+        self.config = atp.config
+        self.image_token_id = image_token_id
+        self.num_layers = num_layers
+        self.score_layers = tuple(ATPConfig.score_layer(l) for l in self.config.layers)
+        self._signature = inspect.signature(type(model).forward)
+        self._pending: Optional[ATPState] = None
+        self._active: Optional[ATPState] = None
+        self.handles = []
+
+    # -- model hooks ---------------------------------------------------------------------------
+
+    def model_pre_forward(self, module, args, kwargs):
+        bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+        input_ids = bound.get("input_ids")
+        if input_ids is None:
+            raise ValueError("ATP-LLaVA needs input_ids to find the image tokens; inputs_embeds alone "
+                             "is not supported")
+        cache = bound.get("cache", bound.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("ATP-LLaVA training forward: decoding against a filled KV cache is "
+                                      "not supported (pruned tokens would come back); run full sequences")
+        layout = VisionLayout.from_batch(input_ids, self.image_token_id, self.atp.n_grid,
+                                         bound.get("attention_mask"), bound.get("labels"))
+        hard = (not module.training) and self.config.hard_in_eval
+        self._active = self._pending = ATPState(
+            layout=layout, hard=hard, current_bias=layout.pad_bias,
+            img_bias=layout.pad_bias.new_zeros(layout.num_images, layout.n_grid),
+            score_layers=self.score_layers)
+
+    def language_model_pre_forward(self, module, args, kwargs):
+        state, self._pending = self._pending, None
+        if state is None:
+            return None
+        return args, {**kwargs, "atp_state": state}
+
+    def model_post_forward(self, module, args, kwargs, output):
+        state, self._active, self._pending = self._active, None, None
+        if state is None:
+            return output
+        cfg = self.config
+        lay = state.layout
+        k = len(cfg.layers)
+        if len(state.kept) != k:
+            raise RuntimeError(f"ATP-LLaVA: {len(state.kept)} of {k} ATP layers ran in this forward")
+        kept_img = torch.stack(state.kept, 1) if lay.num_images else lay.pad_bias.new_zeros(0, k)
+        kept = lay.per_sample_mean(kept_img)
+        losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens)
+        extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
+        if cfg.mode == "adaptive" and cfg.theta_override is None:
+            # Every ATP parameter takes part in every step (a batch without images included),
+            # which DDP without find_unused_parameters requires.
+            extra = extra + sum(p.sum() for p in self.atp.parameters()) * 0.0
+        stats: Dict[str, Any] = {
+            "layers": cfg.layers,
+            "tokens": kept.detach(),
+            "tokens_per_layer": losses["per_layer"].detach(),
+            "n_bar": losses["n_bar"].detach(),
+            "n_bar_batch": losses["n_bar_batch"].detach(),
+            "loss_atp": losses["loss_atp"].detach(),
+            "loss_target": losses["loss_target"].detach(),
+            "images_per_sample": lay.images_per_sample,
+            "hard": state.hard,
+        }
+        if state.theta_r:
+            stats["theta_r"] = lay.per_sample_mean(torch.stack(state.theta_r, 1)).detach()
+            stats["theta_s"] = lay.per_sample_mean(torch.stack(state.theta_s, 1)).detach()
+        if isinstance(output, tuple):
+            return output
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            stats["loss_ntp"] = loss.detach()
+            if cfg.mode == "adaptive":
+                output.loss = loss + extra  # Eq. 14
+        output.atp_stats = stats
+        # The live (graph-connected) budget terms, for custom objectives and tests.
+        output.atp_losses = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
+                             "n_bar_batch": losses["n_bar_batch"]}
+        return output
+
+    # -- the ATP module, before decoder layer `layer` -------------------------------------------
+
+    def atp_step(self, layer: int, module, args, kwargs):
+        state: Optional[ATPState] = kwargs.get("atp_state")
+        if state is None:
+            return None
+        lay = state.layout
+        score_layer = ATPConfig.score_layer(layer)
+        capture = state.captures.pop(score_layer, None)
+        if capture is None:
+            raise RuntimeError(f"ATP layer {layer}: decoder layer {score_layer} did not run with atp attention")
+        if lay.num_images == 0:
+            state.kept.append(state.img_bias.new_zeros(0))
+            if self.config.mode == "adaptive":
+                state.theta_r.append(state.img_bias.new_zeros(0))
+                state.theta_s.append(state.img_bias.new_zeros(0))
+            return None
+        q, k, lse, bias_used, scale, causal = capture
+        prev = state.img_bias
+        kept = torch.isfinite(prev)
+        s_self, s_cross = self._scores(lay, q, k, lse, bias_used, prev.detach(), scale, causal)
+        s_self_in = torch.where(kept, s_self, torch.zeros_like(s_self))  # pruned positions hold 0 (§3.4)
+        s_cross_in = torch.where(kept, s_cross, torch.zeros_like(s_cross))
+        s_red = atp_ops.redundant_score(s_self, s_cross, kept)
+        cfg = self.config
+        if cfg.mode == "adaptive":
+            theta_r, theta_s = self.atp.thresholds(layer, s_self_in, s_cross_in)
+            s_spatial = self.atp.s_spatial.to(s_red.device)
+            if state.hard:
+                new = atp_ops.atp_hard_mask(s_red, s_spatial, theta_r, theta_s, prev)
+            else:
+                new = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature, prev)
+            state.theta_r.append(theta_r)
+            state.theta_s.append(theta_s)
+        else:
+            new = self._fixed_mask(s_red, kept, prev, cfg.fixed_keep[cfg.layers.index(layer)])
+        state.img_bias = new
+        state.current_bias = lay.scatter_bias(new)
+        state.kept.append(new.exp().sum(-1))
+        return None
+
+    @staticmethod
+    def _scores(lay: VisionLayout, q, k, lse, bias_used, prev_img_bias, scale, causal):
+        """S_self, S_cross (I, N) of every image from one score layer, one atp_scores call per
+        image slot (so per-sample row weights stay a (B, L) tensor)."""
+        b, l = lay.batch, lay.seq_len
+        n_img, n = lay.image_pos.shape
+        s_self = prev_img_bias.new_zeros(n_img, n)
+        s_cross = prev_img_bias.new_zeros(n_img, n)
+        w_img = prev_img_bias.exp()  # Eq. 3 rows weighted by their current soft mask (§3.2)
+        for slot in range(lay.max_slots):
+            idx = (lay.image_slot == slot).nonzero().squeeze(1)
+            rows = lay.image_sample[idx]
+            w_self = lse.new_zeros(b, l, dtype=torch.float32)
+            w_self[rows[:, None].expand(-1, n), lay.image_pos[idx]] = w_img[idx]
+            w_cross = lse.new_zeros(b, l, dtype=torch.float32)
+            w_cross[rows] = lay.text_rows[idx].float()
+            ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, w_self, w_cross, causal=causal, scale=scale)
+            pos = lay.image_pos[idx]
+            s_self[idx] = ss[rows[:, None], pos].float()
+            s_cross[idx] = sc[rows[:, None], pos].float()
+        return s_self, s_cross
+
+    @staticmethod
+    def _fixed_mask(s_red: torch.Tensor, kept: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
+        """Paper Table 2 baseline: keep the ``keep`` still-kept tokens with the highest redundant
+        score, -inf for the rest."""
+        ranked = torch.where(kept, s_red, torch.full_like(s_red, float("-inf")))
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                .expand_as(order))
+        keep_mask = (rank < keep) & kept
+        return torch.where(keep_mask, prev, torch.full_like(prev, float("-inf")))
+
+
+def get_atp_controller(model: nn.Module) -> ATPController:
+    ctrl = getattr(model, "_atp_controller", None)
+    if ctrl is None:
+        raise ValueError("this model has no ATP modules; call atp_llava.apply_atp(model, config) first")
+    return ctrl
+
+
+# ----------------------------------------------------------------------------------------------
+# apply_atp
+
+
+def _image_grid(model: nn.Module, config: ATPConfig) -> Tuple[int, int]:
+    if config.image_grid is not None:
+        return config.image_grid
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    if getattr(model.config, "vision_feature_select_strategy", "default") != "default":
+        raise ValueError("apply_atp: vision_feature_select_strategy 'full' adds a CLS token to the grid; "
+                         "set ATPConfig.image_grid explicitly or use 'default'")
+    return side, side
+
+
+def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
+    """Turn a stock ``LlavaForConditionalGeneration`` into ATP-LLaVA, in place; returns it.
+
+    After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``
+    returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + lambda_target L_target``
+    (mode "adaptive") and an ``atp_stats`` dict (per-sample tokens per ATP layer, thetas,
+    tokens per decoder layer, N_bar, the loss terms). ``model.atp`` holds the ATP parameters.
+    ``model.train()``: soft masks (Eq. 9-11); ``model.eval()``: hard masks (if
+    ``config.hard_in_eval``). Gradient checkpointing must be non-reentrant (transformers'
+    default).
+    """
+    check_transformers_version()
+    if getattr(model, "_atp_controller", None) is not None:
+        raise ValueError("apply_atp: this model already has ATP modules")
+    lm = _language_model(model)
+    text_config = model.config.text_config
+    num_layers = text_config.num_hidden_layers
+    if config.layers[-1] >= num_layers:
+        raise ValueError(f"apply_atp: ATP layers {config.layers} must be < num_hidden_layers = {num_layers}")
+    if getattr(text_config, "attention_dropout", 0.0):
+        raise ValueError("apply_atp: the text model's attention_dropout must be 0 (atp_attention has none)")
+    grid = _image_grid(model, config)
+
+    register_attention()
+    param = next(lm.parameters())
+    atp = ATPModules(config, grid).to(device=param.device)
+    model.add_module("atp", atp)
+
+    for name, p in model.named_parameters():
+        if name.startswith("atp."):
+            p.requires_grad_(True)
+        elif config.train_lm:
+            p.requires_grad_(not name.startswith("model.vision_tower."))
+        else:
+            p.requires_grad_(False)
+
+    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION})
+    if text_config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise RuntimeError(f"apply_atp: could not set the text model's attention to {ATTN_IMPLEMENTATION!r}")
+
+    ctrl = ATPController(model, atp, model.config.image_token_id, num_layers)
+    ctrl.handles.append(model.register_forward_pre_hook(ctrl.model_pre_forward, with_kwargs=True))
+    ctrl.handles.append(model.register_forward_hook(ctrl.model_post_forward, with_kwargs=True))
+    ctrl.handles.append(lm.register_forward_pre_hook(ctrl.language_model_pre_forward, with_kwargs=True))
+    for layer in config.layers:
+        ctrl.handles.append(lm.layers[layer].register_forward_pre_hook(partial(ctrl.atp_step, layer),
+                                                                       with_kwargs=True))
+    object.__setattr__(model, "_atp_controller", ctrl)
+    return model

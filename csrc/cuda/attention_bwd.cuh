@@ -13,6 +13,8 @@
 // logit) is given lse = +inf here, so its P is exp(x - inf) = 0 and it contributes nothing.
 // Included only by the per-(dtype, head dim) files attention_bwd_<dtype>_hdim<D>.cu.
 #pragma once
+#include <climits>
+
 #include "cuda/attention_common.cuh"
 #include "cuda/static_switch.h"
 

@@ -1,0 +1,193 @@
+"""Runs the host-emulated CUDA kernels (build.sh makes libemu.so) against atp_ops.reference,
+with the host logic of csrc/cuda/ops_cuda.cpp (copies, split-K sizes, row lists) mirrored here."""
+import ctypes, os, sys
+import torch
+from atp_ops import reference
+
+lib = ctypes.CDLL(os.path.join(os.environ.get("OUT", "/tmp/atp_cuda_emu"), "libemu.so"))
+P = ctypes.c_void_p
+I = ctypes.c_int
+L = ctypes.c_int64
+F = ctypes.c_float
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def strides(t):
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+def loadable(t):
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+    for d in range(t.dim() - 1):
+        ok = ok and (t.size(d) == 1 or t.stride(d) % 8 == 0)
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def fwd(q, k, v, bias, causal, scale, splits=1):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v = loadable(q), loadable(k), loadable(v)
+    dt = 0 if q.dtype == torch.float16 else 1
+    out = torch.empty(B, Hq, Lq, D, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    kps = max(1, Lk)
+    oacc = lacc = None
+    if splits > 1:
+        per = -(-Lk // splits)
+        kps = -(-per // 64) * 64
+        splits = -(-Lk // kps)
+    if splits > 1:
+        oacc = torch.empty(splits, B, Hq, Lq, D)
+        lacc = torch.empty(splits, B, Hq, Lq)
+    lib.emu_fwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
+                ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
+                I(int(causal)), ptr(out), ptr(lse), I(splits), I(kps), ptr(oacc), ptr(lacc))
+    return out, lse
+
+
+def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v, do, out = map(loadable, (q, k, v, do, out))
+    dt = 0 if q.dtype == torch.float16 else 1
+    delta = torch.empty(B, Hq, Lq)
+    dq = torch.empty(B, Hq, Lq, D, dtype=q.dtype)
+    dk = torch.full((B, Hq, Lk, D), float("nan"))
+    dv = torch.full((B, Hq, Lk, D), float("nan"))
+    db = torch.full((B, Hq, Lk), float("nan"))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    lib.emu_bwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
+                ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
+                I(int(causal)), ptr(do), strides(do), ptr(out), strides(out), ptr(lse), ptr(dlse),
+                ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(db))
+    g = Hq // Hkv
+    dk = dk.view(B, Hkv, g, Lk, D).sum(2)
+    dv = dv.view(B, Hkv, g, Lk, D).sum(2)
+    return dq, dk.to(q.dtype), dv.to(q.dtype), db.sum(1)
+
+
+def cross(q, k, lse, bias, w, causal, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[q.dtype]
+    wc = w.float().contiguous()
+    sel = (wc > 0).int()
+    n_rows = sel.sum(1, dtype=torch.int32).contiguous()
+    max_rows = int(n_rows.max())
+    rows = torch.sort(sel, stable=True, dim=1, descending=True)[1][:, :max_rows].int().contiguous()
+    w_sum = wc.sum(1).contiguous()
+    s = torch.zeros(B, Lk)
+    lib.emu_cross(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
+                  ptr(lse.contiguous()), ptr(bias), L(bias.stride(0) if bias is not None else 0), ptr(wc),
+                  ptr(rows), ptr(n_rows), ptr(w_sum), I(max_rows), F(scale), I(int(causal)), ptr(s))
+    return s
+
+
+def err(name, a, r, lp=None):
+    a, r = a.double(), r.double()
+    fa, fr = torch.isfinite(a), torch.isfinite(r)
+    assert not torch.isnan(a).any(), f"{name}: NaN"
+    assert torch.equal(fa, fr), f"{name}: finiteness differs"
+    e = (a - r)[fa].abs().max().item() if fa.any() else 0.0
+    msg = f"{name}: err {e:.2e}"
+    if lp is not None:
+        lp = lp.double()
+        le = (lp - r)[fa & torch.isfinite(lp)].abs().max().item() if fa.any() else 0.0
+        msg += f" lowp {le:.2e}"
+        ok = e <= 2 * le + 1e-5 * max(1.0, r[fr].abs().max().item() if fr.any() else 1.0)
+    else:
+        ok = e <= 1e-4 * max(1.0, r[fr].abs().max().item() if fr.any() else 1.0)
+    print(("OK   " if ok else "FAIL ") + msg)
+    return ok
+
+
+def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do_bwd=True, layout="contig", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def mk(h, l):
+        if layout == "blhd":
+            return torch.randn(B, l, h, D, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(B, h, l, D, generator=g).to(dtype)
+    q, k, v = mk(Hq, Lq), mk(Hkv, Lk), mk(Hkv, Lk)
+    bias = None
+    if bias_kind != "none":
+        bias = torch.randn(B, Lk, generator=g)
+        drop = torch.rand(B, Lk, generator=g) < 0.3
+        drop[:, 0] = drop[:, -1] = False
+        bias[drop] = float("-inf")
+        if bias_kind == "dead":
+            bias[-1] = float("-inf")
+    scale = D ** -0.5
+    print(f"--- B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal} bias={bias_kind} splits={splits} {layout}")
+    out, lse = fwd(q, k, v, bias, causal, scale, splits)
+    f = lambda t: None if t is None else t.float()
+    rq, rk, rv = (t.float().requires_grad_(True) for t in (q, k, v))
+    rb = bias.clone().requires_grad_(True) if bias is not None else None
+    ro, rl = reference.attention_ref(rq, rk, rv, rb, causal=causal, scale=scale, return_lse=True)
+    lq_, lk_, lv_ = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    lb = bias.clone().requires_grad_(True) if bias is not None else None
+    lo, ll = reference.attention_ref(lq_, lk_, lv_, lb, causal=causal, scale=scale, return_lse=True, upcast=False)
+    ok = err("out", out, ro, lo) & err("lse", lse, rl)
+    if not do_bwd:
+        return ok
+    do = torch.randn(out.shape, generator=g).to(dtype)
+    dlse = torch.randn(lse.shape, generator=g)
+    dq, dk, dv, db = bwd(do, dlse, q, k, v, bias, out, lse, causal, scale)
+    def grads(o, l, ins):
+        fl = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+        loss = (o * do.to(o.dtype)).float().sum() + (fl.float() * dlse).sum()
+        return torch.autograd.grad(loss, [t for t in ins if t is not None])
+    rg = grads(ro, rl, (rq, rk, rv, rb))
+    lg = grads(lo, ll, (lq_, lk_, lv_, lb))
+    ok &= err("dq", dq, rg[0], lg[0]) & err("dk", dk, rg[1], lg[1]) & err("dv", dv, rg[2], lg[2])
+    if bias is not None:
+        ok &= err("dbias", db, rg[3], lg[3])
+    return ok
+
+
+def cross_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    bias = torch.randn(B, Lk, generator=g)
+    bias[torch.rand(B, Lk, generator=g) < 0.3] = float("-inf")
+    bias[:, -1] = 0
+    scale = D ** -0.5
+    _, lse = reference.attention_ref(q.float(), k.float(), k.float(), bias, causal=causal, scale=scale, return_lse=True)
+    w = torch.zeros(B, Lq)
+    w[0, Lq // 2:] = 1.0
+    if B > 1:
+        w[1, 3:40] = torch.rand(37, generator=g)
+    s = cross(q, k, lse, bias, w, causal, scale)
+    _, r = reference.scores_ref(q, k, lse, bias, w, w, causal=causal, scale=scale)
+    print(f"--- cross B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal}")
+    return err("s_cross", s, r)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "quick"
+    oks = []
+    if which == "quick":
+        oks.append(case(1, 2, 1, 70, 100, 64, torch.float16, True))
+    elif which == "all":
+        for D in (64, 128):
+            for dtype in (torch.float16, torch.bfloat16):
+                oks.append(case(2, 2, 1, 70, 100, D, dtype, True, layout="blhd"))
+                oks.append(case(1, 2, 2, 33, 129, D, dtype, False, bias_kind="none"))
+        oks.append(case(1, 1, 1, 1, 1, 64, torch.float16, True))
+        oks.append(case(1, 1, 1, 1, 1, 128, torch.bfloat16, False))
+        oks.append(case(2, 2, 1, 100, 40, 64, torch.float16, True, bias_kind="dead"))
+        oks.append(case(2, 2, 2, 5, 700, 128, torch.bfloat16, True, splits=4, do_bwd=False))
+        oks.append(case(2, 2, 2, 1, 700, 64, torch.float16, False, bias_kind="dead", splits=3, do_bwd=False))
+        oks.append(cross_case(2, 4, 2, 60, 130, 64, torch.float16, True))
+        oks.append(cross_case(2, 4, 4, 60, 70, 128, torch.float32, False))
+        oks.append(case(1, 4, 2, 150, 300, 128, torch.bfloat16, True, layout="blhd", seed=1))
+        oks.append(case(1, 4, 2, 150, 300, 64, torch.float16, False, seed=2))
+        oks.append(case(2, 4, 1, 16, 2880, 128, torch.float16, True, splits=5, do_bwd=False, seed=3))
+        oks.append(case(1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4))
+        oks.append(cross_case(1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5))
+    print("ALL OK" if all(oks) else "SOME FAILED")
+    sys.exit(0 if all(oks) else 1)

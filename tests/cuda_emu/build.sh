@@ -3,7 +3,7 @@
 # /tmp/atp_cuda_emu): copies csrc/, rewrites the few CUDA-only constructs (dynamic shared
 # memory declarations, <<<>>> launches, cudaFuncSetAttribute) into calls of shim/emu_runtime.h,
 # and compiles emu_api.cpp with g++ against shim/mma.h (a WMMA emulation). Then
-#   python tools/cuda_emu/check.py [quick|all]
+#   python tests/cuda_emu/check.py [quick|all]
 # runs the real kernel code, one std::thread per CUDA thread, against atp_ops.reference.
 # It checks indexing, masking, barriers and WMMA alignment rules; not speed, not the hardware.
 set -euo pipefail

@@ -9,6 +9,7 @@ from .layout import VisionLayout
 from .losses import atp_losses, tokens_per_layer
 from .modules import ATPModules, ThresholdMLP
 from .patch import ATTN_IMPLEMENTATION, SUPPORTED_TRANSFORMERS, apply_atp, check_transformers_version, get_atp_controller
+from .rope2d import positions_3d, rope_2d_cos_sin
 from .spatial import default_strides, spatial_score
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "tokens_per_layer",
     "spatial_score",
     "default_strides",
+    "positions_3d",
+    "rope_2d_cos_sin",
     "get_atp_controller",
     "check_transformers_version",
     "ATTN_IMPLEMENTATION",

@@ -50,6 +50,15 @@ class ATPConfig:
         theta_override: (theta_r, theta_s) used instead of the MLP's thresholds (ablations,
             tests). Values outside (0, 1) are allowed: (-5, -5) with T >= 10 keeps every token
             with a bias of exactly 0 in float32.
+        rope_2d: 2D rotary positions for vision tokens (DESIGN §3.6, Qwen2-VL's M-RoPE): the
+            rotary frequencies are split into (t, row, col) sections; a vision token at grid
+            (r, c) of an image whose first token has 1D position p0 gets (p0, p0 + r, p0 + c),
+            every other token (p, p, p) with its own 1D position p, i.e. exactly 1D RoPE. No
+            position is ever re-indexed, so pruning preserves them. Off by default: it changes
+            the model (it needs training).
+        rope_2d_section: rotary frequencies (head_dim / 2 in all) of the (t, row, col)
+            sections; None = Qwen2-VL's proportions (1/4, 3/8, 3/8), e.g. (16, 24, 24) at
+            head_dim 128.
     """
 
     layers: Tuple[int, ...] = (4, 14, 24)
@@ -67,6 +76,8 @@ class ATPConfig:
     train_lm: bool = False
     hard_in_eval: bool = True
     theta_override: Optional[Tuple[float, float]] = None
+    rope_2d: bool = False
+    rope_2d_section: Optional[Tuple[int, int, int]] = None
 
     def __post_init__(self):
         self.layers = tuple(int(x) for x in self.layers)
@@ -94,6 +105,11 @@ class ATPConfig:
                 raise ValueError("ATPConfig: mode='fixed' has no learned parameters; it needs train_lm=True")
         if self.theta_override is not None:
             self.theta_override = tuple(float(x) for x in self.theta_override)
+        if self.rope_2d_section is not None:
+            self.rope_2d_section = tuple(int(x) for x in self.rope_2d_section)
+            if len(self.rope_2d_section) != 3 or min(self.rope_2d_section) < 1:
+                raise ValueError(f"ATPConfig.rope_2d_section must be three positive sizes (t, row, col), "
+                                 f"got {self.rope_2d_section}")
         if self.temperature <= 0:
             raise ValueError(f"ATPConfig.temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.init_threshold < 1.0:

@@ -8,8 +8,9 @@ No modeling file is copied. The model stays stock except for:
   * ``model.atp`` (ATPModules: threshold MLPs, spatial score), a registered submodule;
   * forward hooks: on the model (build the batch's vision layout before, add the ATP losses and
     ``atp_stats`` to the output after), on the language model (hand the per-forward state down
-    to the attention function as a keyword argument) and on every ATP decoder layer (the ATP
-    module itself, run before the layer's forward).
+    to the attention function as a keyword argument), on every ATP decoder layer (the ATP
+    module itself, run before the layer's forward) and, with ``rope_2d`` only, on the rotary
+    module (2D positions of the vision tokens, rope2d.py).
 
 Per-forward state travels as the ``atp_state`` keyword argument, which transformers forwards
 from the language model through the decoder layers into the attention function. Gradient
@@ -38,6 +39,7 @@ from .config import ATPConfig
 from .layout import VisionLayout
 from .losses import atp_losses
 from .modules import ATPModules
+from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
 __all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "ATPState", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
@@ -193,6 +195,8 @@ class ATPController:
         self._signature = inspect.signature(type(model).forward)
         self._pending: Optional[ATPState] = None
         self._active: Optional[ATPState] = None
+        self._lm_state: Optional[ATPState] = None  # read by the 2D-RoPE hook
+        self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
 
     # -- model hooks ---------------------------------------------------------------------------
@@ -217,12 +221,24 @@ class ATPController:
 
     def language_model_pre_forward(self, module, args, kwargs):
         state, self._pending = self._pending, None
+        self._lm_state = state
         if state is None:
             return None
         return args, {**kwargs, "atp_state": state}
 
+    def rotary_post_forward(self, module, args, kwargs, output):
+        """2D RoPE (config.rope_2d): replace the rotary module's (cos, sin) with the (t, row, col)
+        version for this batch's vision tokens."""
+        state = self._lm_state
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if state is None or position_ids is None or position_ids.shape[-1] != state.layout.seq_len:
+            return output
+        cos, _ = output
+        pos3 = positions_3d(position_ids.to(cos.device), state.layout, self.atp.grid)
+        return rope_2d_cos_sin(pos3, module.inv_freq, module.attention_scaling, self.rope_section, cos.dtype)
+
     def model_post_forward(self, module, args, kwargs, output):
-        state, self._active, self._pending = self._active, None, None
+        state, self._active, self._pending, self._lm_state = self._active, None, None, None
         if state is None:
             return output
         cfg = self.config
@@ -409,5 +425,14 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     for layer in config.layers:
         ctrl.handles.append(lm.layers[layer].register_forward_pre_hook(partial(ctrl.atp_step, layer),
                                                                        with_kwargs=True))
+    if config.rope_2d:
+        rotary = getattr(lm, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise TypeError("apply_atp: rope_2d needs the language model's rotary module (rotary_emb.inv_freq)")
+        ctrl.rope_section = config.rope_2d_section or default_section(rotary.inv_freq.shape[0])
+        if sum(ctrl.rope_section) != rotary.inv_freq.shape[0]:
+            raise ValueError(f"apply_atp: rope_2d_section {ctrl.rope_section} must sum to head_dim / 2 = "
+                             f"{rotary.inv_freq.shape[0]}")
+        ctrl.handles.append(rotary.register_forward_hook(ctrl.rotary_post_forward, with_kwargs=True))
     object.__setattr__(model, "_atp_controller", ctrl)
     return model

@@ -1,0 +1,259 @@
+"""atp_scores (DESIGN §3.2, paper Eq. 3-4) against reference.scores_ref and by-hand column means."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+from atp_ops import atp_attention, atp_scores, reference
+from conftest import SCORES_DEVICES, bias_dtype, make_bias, make_qkv
+
+NEG_INF = float("-inf")
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def vision_text_weights(b, lq, v0, v1, device, dtype=torch.float32):
+    """w_self = indicator of the vision rows [v0, v1); w_cross = indicator of the text rows after."""
+    w_self = torch.zeros(b, lq, dtype=dtype, device=device)
+    w_self[:, v0:v1] = 1
+    w_cross = torch.zeros(b, lq, dtype=dtype, device=device)
+    w_cross[:, v1:] = 1
+    return w_self, w_cross
+
+
+def expand_kv(q, k):
+    return k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# against the reference
+
+
+@st.composite
+def score_cases(draw):
+    causal = draw(st.booleans())
+    lq = draw(st.sampled_from([1, 2, 17, 64, 65, 129]))
+    lk = draw(st.one_of(st.sampled_from([0, 1, 30]).map(lambda e: lq + e),
+                        st.sampled_from([256, 257, 300, 600]),
+                        # Lq > Lk: causal top rows see nothing and must contribute nothing.
+                        st.sampled_from([1, 5]).map(lambda lk: min(lk, lq))))
+    return dict(
+        b=draw(st.integers(1, 3)),
+        heads=draw(st.sampled_from([(4, 1), (4, 2), (2, 2), (1, 1)])),
+        lq=lq, lk=lk,
+        d=draw(st.sampled_from([8, 16, 64, 128])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])),
+        causal=causal,
+        layout=draw(st.sampled_from(["contiguous", "blhd", "last_dim_strided", "mixed"])),
+        bias=draw(st.sampled_from(["none", "finite", "neg_inf", "dead_sample"])),
+        weights=draw(st.sampled_from(["indicator", "random", "soft_vision", "zero_sample"])),
+        w_dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        scale=draw(st.sampled_from([None, 0.2])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_weights(kind, b, lq, key_bias, dtype, device, gen):
+    v1 = max(1, (2 * lq) // 3)
+    w_self, w_cross = vision_text_weights(b, lq, 0, v1, device, dtype)
+    if kind == "random":
+        w_self = torch.rand(b, lq, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        w_cross = torch.rand(b, lq, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        w_cross[w_cross < 0.5] = 0  # only some rows recomputed
+    elif kind == "soft_vision" and key_bias is not None and key_bias.shape[1] >= lq:
+        # DESIGN: vision rows weighted by their current soft mask exp(key_bias) (0 where removed).
+        w_self = w_self * torch.exp(key_bias[:, -lq:].to(dtype))
+    elif kind == "zero_sample":
+        w_self[0] = 0
+        w_cross[-1] = 0
+    return w_self, w_cross
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+@given(case=score_cases())
+def test_scores_match_reference(device, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    hq, hkv = case["heads"]
+    b, lq, lk = case["b"], case["lq"], case["lk"]
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, case["d"], case["dtype"], case["layout"], device, gen)
+    key_bias = make_bias(case["bias"], b, lk, case["dtype"], device, gen)
+    _, lse = atp_attention(q, k, v, key_bias, causal=case["causal"], scale=case["scale"], return_lse=True)
+    w_self, w_cross = make_weights(case["weights"], b, lq, key_bias, case["w_dtype"], device, gen)
+
+    s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross, causal=case["causal"],
+                                 scale=case["scale"])
+    r_self, r_cross = reference.scores_ref(q, k, lse, key_bias, w_self, w_cross, causal=case["causal"],
+                                           scale=case["scale"])
+    for got in (s_self, s_cross):
+        assert got.dtype == torch.float32 and got.shape == (b, lk) and got.device == q.device
+        assert torch.isfinite(got).all()
+    torch.testing.assert_close(s_self, r_self.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_cross, r_cross.float(), **TOL)
+    if case["weights"] == "zero_sample":
+        assert torch.equal(s_self[0], torch.zeros_like(s_self[0]))
+        assert torch.equal(s_cross[-1], torch.zeros_like(s_cross[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# by hand, from the materialised maps
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_equal_column_means_of_the_maps(device, causal, heads, dtype):
+    b, lq, lk, d = 2, 70, 300, 16
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(hq * 10 + hkv + causal)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "blhd", device, gen)
+    key_bias = torch.randn(b, lk, generator=gen, dtype=torch.float64)
+    key_bias[:, 1::5] = NEG_INF
+    key_bias = key_bias.to(bias_dtype(dtype)).to(device)
+    # A LLaVA-like row layout: system rows, vision rows, text rows.
+    v0, v1 = 5, 50
+    w_self, w_cross = vision_text_weights(b, lq, v0, v1, device)
+    _, lse = atp_attention(q, k, v, key_bias, causal=causal, return_lse=True)
+    s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross, causal=causal)
+
+    q64, k64, kb64 = q.double(), expand_kv(q, k).double(), key_bias.double()
+    raw = torch.einsum("bhmd,bhnd->bhmn", q64, k64) / math.sqrt(d)
+    # Eq. 3: raw logits (no bias, no causal mask), mean over the vision rows, then over heads.
+    self_hand = raw[:, :, v0:v1, :].mean(dim=2).mean(dim=1)
+    # Eq. 4: the probabilities the layer used (bias + causal mask), mean over the text rows.
+    logits = raw + kb64[:, None, None, :]
+    if causal:
+        visible = torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + lk - lq
+        logits = logits.masked_fill(~visible, NEG_INF)
+    probs = torch.softmax(logits, dim=-1)
+    cross_hand = probs[:, :, v1:, :].mean(dim=2).mean(dim=1)
+
+    torch.testing.assert_close(s_self, self_hand.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_cross, cross_hand.float(), **TOL)
+    # The text rows' probabilities each sum to 1, so the cross score of a sample sums to 1, and
+    # removed keys get exactly 0.
+    torch.testing.assert_close(s_cross.double().sum(-1), torch.ones(b, dtype=torch.float64, device=device),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(s_cross[:, 1::5], torch.zeros_like(s_cross[:, 1::5]))
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_s_self_is_invariant_to_weight_scale_and_linear_in_q(device):
+    gen = torch.Generator().manual_seed(41)
+    q, k, v = make_qkv(2, 4, 2, 20, 40, 16, torch.float64, "contiguous", device, gen)
+    _, lse = atp_attention(q, k, v, None, return_lse=True)
+    w = torch.rand(2, 20, generator=gen, dtype=torch.float64).to(device)
+    s1, c1 = atp_scores(q, k, lse, None, w, w)
+    s2, c2 = atp_scores(q, k, lse, None, 7.5 * w, 7.5 * w)
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c1, c2, rtol=1e-6, atol=1e-7)
+    s3, _ = atp_scores(2 * q, k, lse, None, w, w)  # lse is not used by Eq. 3
+    torch.testing.assert_close(s3, 2 * s1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_zero_weight_sum_gives_zero_scores(device):
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = make_qkv(3, 4, 2, 17, 30, 8, torch.float32, "contiguous", device, gen)
+    _, lse = atp_attention(q, k, v, None, return_lse=True)
+    w_self, w_cross = vision_text_weights(3, 17, 0, 10, device)
+    w_self[1] = 0
+    w_cross[2] = 0
+    s_self, s_cross = atp_scores(q, k, lse, None, w_self, w_cross)
+    assert torch.equal(s_self[1], torch.zeros(30, device=device))
+    assert torch.equal(s_cross[2], torch.zeros(30, device=device))
+    # The other samples are untouched by their neighbours' zero weights.
+    r_self, r_cross = reference.scores_ref(q, k, lse, None, w_self, w_cross)
+    torch.testing.assert_close(s_self, r_self, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_cross, r_cross, **TOL)
+    assert s_self[0].abs().sum() > 0 and s_cross[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_rows_that_saw_nothing_contribute_nothing(device):
+    """A fully masked sample (lse = -inf on every row) gets s_cross = 0, never NaN."""
+    gen = torch.Generator().manual_seed(47)
+    q, k, v = make_qkv(2, 2, 2, 9, 12, 8, torch.float32, "contiguous", device, gen)
+    key_bias = torch.zeros(2, 12, device=device)
+    key_bias[1] = NEG_INF
+    _, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    w = torch.ones(2, 9, device=device)
+    s_self, s_cross = atp_scores(q, k, lse, key_bias, w, w)
+    assert torch.isfinite(s_self).all() and torch.isfinite(s_cross).all()
+    assert torch.equal(s_cross[1], torch.zeros_like(s_cross[1]))
+    assert s_self[1].abs().sum() > 0  # Eq. 3 uses raw logits: no mask
+
+
+# ----------------------------------------------------------------------------------------------
+# no gradient, opcheck
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_scores_carry_no_gradient(device):
+    gen = torch.Generator().manual_seed(53)
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 2, 9, 12, 8, torch.float32, "blhd", device, gen))
+    key_bias = torch.randn(2, 12, generator=gen).to(device).requires_grad_(True)
+    out, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    assert lse.requires_grad
+    w_self = torch.rand(2, 9, device=device, requires_grad=True)
+    w_cross = torch.rand(2, 9, device=device, requires_grad=True)
+    s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross)
+    assert not s_self.requires_grad and not s_cross.requires_grad
+    assert s_self.grad_fn is None and s_cross.grad_fn is None
+
+
+def _score_args(device, requires_grad):
+    gen = torch.Generator().manual_seed(59)
+    q, k, v = make_qkv(2, 4, 2, 7, 11, 8, torch.float32, "blhd", device, gen)
+    key_bias = make_bias("neg_inf", 2, 11, torch.float32, device, gen)
+    _, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    w_self, w_cross = vision_text_weights(2, 7, 0, 4, device)
+    args = [q, k, lse, key_bias, w_self, w_cross]
+    if requires_grad:
+        args = [t.detach().requires_grad_(True) for t in args]
+    return args
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_scores(device, causal):
+    # atp_scores detaches its inputs before calling the op (scores carry no gradient by design,
+    # DESIGN §3.2), so the op is checked with inputs as the wrapper passes them: no
+    # requires_grad, which makes test_autograd_registration meaningful without an autograd
+    # formula (it then checks that nothing asks for one).
+    args = _score_args(device, requires_grad=False)
+    opcheck(torch.ops.atp_ops.scores, (*args, causal, 0.35))
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_raw_scores_op_accepts_requires_grad_inputs(device):
+    """The op itself has no autograd formula by design, but called directly with inputs that
+    require grad (a user skipping the wrapper, or a traced graph) it must still compute the
+    scores, not fail inside the kernel."""
+    args = _score_args(device, requires_grad=True)
+    s_self, s_cross = torch.ops.atp_ops.scores(*args, True, 0.35)
+    e_self, e_cross = torch.ops.atp_ops.scores(*[t.detach() for t in args], True, 0.35)
+    torch.testing.assert_close(s_self.detach(), e_self, rtol=0, atol=0)
+    torch.testing.assert_close(s_cross.detach(), e_cross, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_torch_compile_attention_then_scores(device):
+    gen = torch.Generator().manual_seed(61)
+    q, k, v = make_qkv(2, 4, 2, 9, 20, 16, torch.float32, "blhd", device, gen)
+    key_bias = make_bias("neg_inf", 2, 20, torch.float32, device, gen)
+    w_self, w_cross = vision_text_weights(2, 9, 0, 6, device)
+
+    def layer(q, k, v, key_bias):
+        out, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+        s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross)
+        return out, s_self, s_cross
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v, key_bias)
+    for a, b in zip(got, layer(q, k, v, key_bias)):
+        torch.testing.assert_close(a, b)

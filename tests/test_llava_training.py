@@ -71,7 +71,8 @@ def test_transformers_version_in_supported_range():
     import transformers
 
     assert check_transformers_version() == transformers.__version__
-    for bad in ("4.46.0", "6.0.0"):
+    assert check_transformers_version("5.24.0") == "5.24.0" and check_transformers_version("5.30.1")
+    for bad in ("4.46.0", "5.23.2", "6.0.0"):
         with pytest.raises(RuntimeError, match="supports transformers"):
             check_transformers_version(bad)
 
@@ -246,6 +247,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch3, train_lm, monke
     assert any(k.startswith("model.language_model.") for k in g0) == train_lm
     for k in g0:
         assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-6), k
+    reentrant = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), train_lm=train_lm))
+    reentrant.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="reentrant"):
+        reentrant.train()(**batch3, use_cache=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,9 +45,11 @@ __all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "ATPState", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
 
 ATTN_IMPLEMENTATION = "atp"
-# Tested on 5.24.0; the APIs used (AttentionInterface, AttentionMaskInterface, LlavaModel with
-# ``language_model``, set_attn_implementation with a dict, the ``cache`` keyword) are 5.x ones.
-SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
+# [min, max). The minimum is the version the tests ran on (5.24.0); the APIs used
+# (AttentionInterface, AttentionMaskInterface, LlavaModel.language_model, set_attn_implementation
+# with a dict, GradientCheckpointingLayer checkpointing `forward` so hooks stay outside) are all
+# older, but older versions are not tested, so they are refused rather than assumed.
+SUPPORTED_TRANSFORMERS = ("5.24", "6.0")
 
 
 def _version_tuple(v: str) -> Tuple[int, ...]:
@@ -129,6 +131,11 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     lq, lk = query.shape[2], key.shape[2]
     if state is not None and lq == lk == state.layout.seq_len:
         key_bias = state.bias_for_layer(layer_idx)
+        if key_bias.requires_grad and not torch.is_grad_enabled():
+            # Only a reentrant checkpoint runs a layer without grad inside a forward that
+            # builds the mask graph: the masks' gradient would be lost, or taken twice.
+            raise RuntimeError("atp attention: reentrant gradient checkpointing is not supported; use "
+                               "activation_checkpointing_kwargs={'use_reentrant': False} (the default)")
     elif attention_mask is None:
         key_bias = None
     elif attention_mask.dim() == 2:

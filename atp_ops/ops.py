@@ -25,11 +25,11 @@ __all__ = [
 _ops = torch.ops.atp_ops
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+def _default_scale(op: str, q: torch.Tensor, scale: Optional[float]) -> float:
     if scale is not None:
         return float(scale)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"atp_attention: q must have shape (B, Hq, Lq, D), got "
+        raise ValueError(f"{op}: q must have shape (B, Hq, Lq, D), got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
     return q.shape[-1] ** -0.5
 
@@ -75,7 +75,7 @@ def atp_attention(
 
     Equivalent to ``atp_ops.reference.attention_ref`` without materialising (Lq, Lk).
     """
-    out, lse = _ops.attention_fwd(q, k, v, key_bias, causal, _default_scale(q, scale))
+    out, lse = _ops.attention_fwd(q, k, v, key_bias, causal, _default_scale("atp_attention", q, scale))
     return (out, lse) if return_lse else out
 
 
@@ -150,7 +150,7 @@ def atp_scores(
 
     Scores carry no gradient: the inputs are detached (the paper learns thresholds, not scores).
     """
-    scale = _default_scale(q, scale)
+    scale = _default_scale("atp_scores", q, scale)
     detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
     return _ops.scores(detach(q), detach(k), detach(lse), detach(key_bias), detach(w_self),
                        detach(w_cross), causal, scale)
@@ -235,18 +235,20 @@ def _soft_mask_bwd_fake(grad, s_red, s_spatial, theta_r, theta_s, temperature):
 
 def _soft_mask_setup_context(ctx, inputs, output):
     s_red, s_spatial, theta_r, theta_s, temperature, prev_bias, hard = inputs
-    ctx.save_for_backward(s_red, s_spatial, theta_r, theta_s, output if hard else None)
+    ctx.save_for_backward(s_red, s_spatial, theta_r, theta_s)
     ctx.temperature, ctx.hard = temperature, hard
     ctx.has_prev = prev_bias is not None
     ctx.spatial_shape = s_spatial.shape
 
 
 def _soft_mask_backward(ctx, grad):
-    s_red, s_spatial, theta_r, theta_s, out = ctx.saved_tensors
+    s_red, s_spatial, theta_r, theta_s = ctx.saved_tensors
     if ctx.hard:
         # Piecewise constant in the scores and thresholds; the identity in prev_bias where kept.
-        d_prev = torch.where(torch.isfinite(out), grad, torch.zeros_like(grad)) if ctx.has_prev else None
-        return None, None, None, None, None, d_prev, None
+        if not ctx.has_prev:
+            return None, None, None, None, None, None, None
+        keep = (s_red > theta_r[:, None]) | (s_spatial > theta_s[:, None])
+        return None, None, None, None, None, torch.where(keep, grad, torch.zeros_like(grad)), None
     d_red, d_spatial, d_theta_r, d_theta_s = _ops.soft_mask_bwd(
         grad, s_red, s_spatial, theta_r, theta_s, ctx.temperature)
     d_spatial = d_spatial.sum_to_size(ctx.spatial_shape)

@@ -85,8 +85,8 @@ def scores_ref(q, k, lse, key_bias, w_self, w_cross, *, causal=True, scale=None)
 
     s_self = column mean of the raw logits (no mask) over rows weighted by w_self;
     s_cross = column mean of the probabilities the layer used, exp(logit + bias - lse), over rows
-    weighted by w_cross; both averaged over heads. Returns two (B, Lk) float32 tensors
-    (float64 for float64 q).
+    weighted by w_cross; both averaged over heads, computed in float64. Returns two (B, Lk)
+    float32 tensors, as the op does.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = torch.float64
@@ -101,8 +101,7 @@ def scores_ref(q, k, lse, key_bias, w_self, w_cross, *, causal=True, scale=None)
         col = (w[:, None, :, None] * m).sum(2).mean(1)  # (B, Lk)
         return torch.where(tot[:, None] > 0, col / torch.where(tot > 0, tot, 1.0)[:, None], 0.0)
 
-    out_dtype = compute_dtype(q.dtype) if q.dtype == torch.float64 else torch.float32
-    return weighted_mean(raw, w_self).to(out_dtype), weighted_mean(p, w_cross).to(out_dtype)
+    return weighted_mean(raw, w_self).float(), weighted_mean(p, w_cross).float()
 
 
 def soft_mask_ref(s_red, s_spatial, theta_r, theta_s, temperature, prev_bias=None):

@@ -15,10 +15,10 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_no_nan(const char* op, const char* name, const at::Tensor& t) {
-  // One reduction and one host sync; NaN would otherwise flow silently into every row.
-  TORCH_CHECK(!at::isnan(t).any().item<bool>(), op, ": ", name,
-              " contains NaN; use -inf to remove a key and finite values for soft masks");
+void check_log_mask(const char* op, const char* name, const at::Tensor& t) {
+  // One reduction and one host sync; NaN or +inf would otherwise flow silently into every row.
+  TORCH_CHECK(!(at::isnan(t) | at::isposinf(t)).any().item<bool>(), op, ": ", name,
+              " contains NaN or +inf; use -inf to remove a key and finite values (log M <= 0) for soft masks");
 }
 
 }  // namespace
@@ -58,7 +58,7 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const
                 op, ": key_bias must be float32 (or float64 with float64 q), got ", kb.scalar_type());
     TORCH_CHECK(kb.device() == q.device(), op, ": key_bias must be on q's device ", q.device(),
                 ", got ", kb.device());
-    check_no_nan(op, "key_bias", kb);
+    check_log_mask(op, "key_bias", kb);
   }
   return s;
 }
@@ -122,7 +122,7 @@ std::pair<int64_t, int64_t> check_soft_mask_inputs(const char* op, const at::Ten
     check_same_shape(op, "prev_bias", *prev_bias, {B, N}, "(B, N)", s_red);
     TORCH_CHECK(prev_bias->scalar_type() == dt, op, ": prev_bias must have s_red's dtype ", dt,
                 ", got ", prev_bias->scalar_type());
-    check_no_nan(op, "prev_bias", *prev_bias);
+    check_log_mask(op, "prev_bias", *prev_bias);
   }
   return {B, N};
 }

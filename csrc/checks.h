@@ -2,9 +2,15 @@
 // Each check runs before any kernel and names the argument and the expected form (DESIGN §5).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Optional.h>
 
 namespace atp {
+
+// Every host entry point opens one of these: the ATen calls inside an op are implementation,
+// not part of the graph, even when the op is reached with autograd on (ops without an autograd
+// formula such as scores, or a backward op under create_graph).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 struct AttentionShape {
   int64_t B, Hq, Hkv, Lq, Lk, D;

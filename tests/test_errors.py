@@ -89,10 +89,11 @@ def test_attention_bad_input(name):
 
 @pytest.mark.parametrize("where", [(0, 0), (1, 10), (1, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_attention_nan_key_bias(where, dtype):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_attention_nan_or_posinf_key_bias(where, dtype, bad):
     q, k, v, kb = qkvb(dtype)
-    kb[where] = NAN
-    with raises(r"atp_attention: key_bias contains NaN; use -inf to remove a key"):
+    kb[where] = bad
+    with raises(r"atp_attention: key_bias contains NaN or \+inf; use -inf to remove a key"):
         atp_attention(q, k, v, kb)
 
 

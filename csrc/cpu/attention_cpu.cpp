@@ -156,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const at::Tensor& v,
                                                      const c10::optional<at::Tensor>& key_bias,
                                                      bool causal, double scale) {
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_inputs("atp_attention", q, k, v, key_bias);
   const at::ScalarType ct = compute_dtype(q.scalar_type());
   const at::Tensor qc = as_compute(q, ct), kc = as_compute(k, ct), vc = as_compute(v, ct);
@@ -174,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_bias,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
+  const BelowAutograd below_autograd;
   // The CPU backward is always deterministic (see attention_bwd_kernel).
   const char* op = "atp_attention backward";
   const AttentionShape s = check_attention_inputs(op, q, k, v, key_bias);

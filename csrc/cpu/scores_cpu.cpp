@@ -90,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> scores_cpu(const at::Tensor& q, const at::Ten
                                               const c10::optional<at::Tensor>& key_bias,
                                               const at::Tensor& w_self, const at::Tensor& w_cross,
                                               bool causal, double scale) {
+  const BelowAutograd below_autograd;
   const char* op = "atp_scores";
   const AttentionShape s = check_attention_inputs(op, q, k, k, key_bias);
   check_lse(op, "lse", lse, q, s);

@@ -64,6 +64,7 @@ void soft_mask_bwd_kernel(const SoftMaskParams& p) {
 at::Tensor soft_mask_fwd_cpu(const at::Tensor& s_red, const at::Tensor& s_spatial,
                              const at::Tensor& theta_r, const at::Tensor& theta_s, double temperature,
                              const c10::optional<at::Tensor>& prev_bias, bool hard) {
+  const BelowAutograd below_autograd;
   SoftMaskInputs in = prepare_soft_mask("atp_soft_mask", s_red, s_spatial, theta_r, theta_s,
                                         temperature, prev_bias, c10::nullopt);
   at::Tensor out = at::empty({in.params.B, in.params.N}, s_red.options());
@@ -77,6 +78,7 @@ at::Tensor soft_mask_fwd_cpu(const at::Tensor& s_red, const at::Tensor& s_spatia
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& s_red, const at::Tensor& s_spatial,
     const at::Tensor& theta_r, const at::Tensor& theta_s, double temperature) {
+  const BelowAutograd below_autograd;
   SoftMaskInputs in = prepare_soft_mask("atp_soft_mask backward", s_red, s_spatial, theta_r, theta_s,
                                         temperature, c10::nullopt, grad);
   SoftMaskGrads g = allocate_soft_mask_grads(in);

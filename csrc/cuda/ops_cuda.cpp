@@ -26,9 +26,10 @@ void check_grid_rows(const char* op, int64_t B) {
 at::Tensor soft_mask_fwd_cuda(const at::Tensor& s_red, const at::Tensor& s_spatial,
                               const at::Tensor& theta_r, const at::Tensor& theta_s, double temperature,
                               const c10::optional<at::Tensor>& prev_bias, bool hard) {
-  const c10::cuda::CUDAGuard guard(s_red.device());
+  const BelowAutograd below_autograd;
   SoftMaskInputs in = prepare_soft_mask("atp_soft_mask", s_red, s_spatial, theta_r, theta_s,
                                         temperature, prev_bias, c10::nullopt);
+  const c10::cuda::CUDAGuard guard(s_red.device());
   check_grid_rows("atp_soft_mask", in.params.B);
   at::Tensor out = at::empty({in.params.B, in.params.N}, s_red.options());
   if (out.numel() == 0) return out;
@@ -42,9 +43,10 @@ at::Tensor soft_mask_fwd_cuda(const at::Tensor& s_red, const at::Tensor& s_spati
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& s_red, const at::Tensor& s_spatial,
     const at::Tensor& theta_r, const at::Tensor& theta_s, double temperature) {
-  const c10::cuda::CUDAGuard guard(s_red.device());
+  const BelowAutograd below_autograd;
   SoftMaskInputs in = prepare_soft_mask("atp_soft_mask backward", s_red, s_spatial, theta_r, theta_s,
                                         temperature, c10::nullopt, grad);
+  const c10::cuda::CUDAGuard guard(s_red.device());
   check_grid_rows("atp_soft_mask backward", in.params.B);
   SoftMaskGrads g = allocate_soft_mask_grads(in);
   if (in.params.B > 0) {
@@ -123,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const c10::optional<at::Tensor>& key_bias,
                                                       bool causal, double scale) {
   const char* op = "atp_attention";
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_inputs(op, q, k, v, key_bias);
   const cuda::AttnDtype dtype = attention_dtype(op, q);
   check_attention_cuda_shape(op, s);
@@ -165,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_bias,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
   const char* op = "atp_attention backward";
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_inputs(op, q, k, v, key_bias);
   const cuda::AttnDtype dtype = attention_dtype(op, q);
   check_attention_cuda_shape(op, s);
@@ -218,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
                                                const at::Tensor& w_self, const at::Tensor& w_cross,
                                                bool causal, double scale) {
   const char* op = "atp_scores";
+  const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_inputs(op, q, k, k, key_bias);
   check_lse(op, "lse", lse, q, s);
   check_row_weights(op, "w_self", w_self, q, s);

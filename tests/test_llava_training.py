@@ -131,6 +131,7 @@ def test_keep_all_matches_stock_logits(batch3, decoder, stock_impl):
             assert err < 1e-4, f"{mode}: logits differ from stock {stock_impl} by {err}"
             assert torch.equal(out.atp_stats["tokens"], torch.full((3, 3), float(N_GRID)))
             assert torch.equal(out.atp_stats["n_bar"], torch.full((3,), float(N_GRID)))
+            assert torch.equal(out.atp_stats["flops"], out.atp_stats["flops_full"])
     # the same path with learned (initial) thresholds really masks: logits move
     pruned = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(1, 2, 3), init_threshold=0.5)).train()
     with torch.no_grad():
@@ -213,6 +214,13 @@ def test_l_atp_and_n_bar_follow_the_paper(batch3):
     assert torch.allclose(st["n_bar"], per_layer.mean(1))
     assert torch.allclose(st["loss_atp"], (kept / 576 * torch.tensor([1.0, 3.0, 4.0])).sum(1).mean())
     assert torch.allclose(st["loss_target"], (per_layer.mean() - 144.0).abs())
+    # Eq. 15 summed over the layers with the tokens each saw; KV cache 2 * L * Hkv * D * 4 bytes
+    seen = torch.tensor([600.0, 590.0, 596.0])[:, None] - 576 + per_layer.double()
+    flops = lambda n: 4 * n * 64 ** 2 + 2 * n ** 2 * 64 + 2 * n * 64 * 128  # noqa: E731
+    assert torch.allclose(st["flops"], flops(seen).sum(1))
+    assert torch.allclose(st["flops_full"], flops(torch.tensor([600.0, 590.0, 596.0]).double()) * 6)
+    assert torch.allclose(st["kv_cache_bytes"], seen.sum(1) * 2 * 2 * 16 * 4)
+    assert (st["flops"] < st["flops_full"]).all()
 
 
 @pytest.mark.parametrize("train_lm", [False, True])
@@ -419,7 +427,7 @@ def test_train_entry_point_end_to_end(tmp_path, nproc):
     assert "atp-llava" in res.stderr  # tqdm progress
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("loss", "loss_ntp", "loss_atp", "loss_target", "n_bar", "tokens_l1", "theta_r_l3"):
+    for key in ("loss", "loss_ntp", "loss_atp", "loss_target", "n_bar", "tokens_l1", "theta_r_l3", "flops_ratio"):
         assert all(key in r for r in rows), key
     header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
     assert "n_bar" in header and "tokens_l2" in header

@@ -4,6 +4,7 @@
     model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
 """
 from .config import ATPConfig
+from .efficiency import layer_flops, run_cost
 from .io import load_atp, read_atp_config, save_atp
 from .layout import VisionLayout
 from .losses import atp_losses, tokens_per_layer
@@ -28,6 +29,8 @@ __all__ = [
     "positions_3d",
     "rope_2d_cos_sin",
     "get_atp_controller",
+    "layer_flops",
+    "run_cost",
     "check_transformers_version",
     "ATTN_IMPLEMENTATION",
     "SUPPORTED_TRANSFORMERS",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from .config import ATPConfig

@@ -36,6 +36,7 @@ from torch import nn
 import atp_ops
 
 from .config import ATPConfig
+from .efficiency import run_cost
 from .layout import VisionLayout
 from .losses import atp_losses
 from .modules import ATPModules
@@ -195,6 +196,10 @@ class ATPController:
 
     def __init__(self, model: nn.Module, atp: ATPModules, image_token_id: int, num_layers: int):
         self.atp = atp
+        tc = model.config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        # (hidden, ffn, kv_heads, head_dim) of the efficiency accounting (Eq. 15, §3.7)
+        self.dims = (tc.hidden_size, tc.intermediate_size, tc.num_key_value_heads, head_dim)
         self.config = atp.config
         self.image_token_id = image_token_id
         self.num_layers = num_layers
@@ -272,6 +277,11 @@ class ATPController:
             "images_per_sample": lay.images_per_sample,
             "hard": state.hard,
         }
+        n_vis = lay.images_per_sample * lay.n_grid
+        real = torch.isfinite(lay.pad_bias).sum(1)
+        cost = run_cost(losses["per_layer"].detach() * lay.images_per_sample[:, None], real - n_vis, n_vis,
+                        *self.dims, bytes_per_element=torch.finfo(self._dtype(module)).bits // 8)
+        stats.update(cost)
         if state.theta_r:
             stats["theta_r"] = lay.per_sample_mean(torch.stack(state.theta_r, 1)).detach()
             stats["theta_s"] = lay.per_sample_mean(torch.stack(state.theta_s, 1)).detach()
@@ -287,6 +297,10 @@ class ATPController:
         output.atp_losses = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
                              "n_bar_batch": losses["n_bar_batch"]}
         return output
+
+    @staticmethod
+    def _dtype(model: nn.Module) -> torch.dtype:
+        return model.lm_head.weight.dtype if hasattr(model, "lm_head") else torch.float32
 
     # -- the ATP module, before decoder layer `layer` -------------------------------------------
 
@@ -391,7 +405,8 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``
     returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + lambda_target L_target``
     (mode "adaptive") and an ``atp_stats`` dict (per-sample tokens per ATP layer, thetas,
-    tokens per decoder layer, N_bar, the loss terms). ``model.atp`` holds the ATP parameters.
+    tokens per decoder layer, N_bar, the loss terms, FLOPs and KV-cache bytes against the
+    unpruned model). ``model.atp`` holds the ATP parameters.
     ``model.train()``: soft masks (Eq. 9-11); ``model.eval()``: hard masks (if
     ``config.hard_in_eval``). Gradient checkpointing must be non-reentrant (transformers'
     default).

@@ -110,6 +110,8 @@ def step_record(step: int, epoch: int, out, lrs: Sequence[float], seconds: float
     rec: Dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(out.loss.detach()),
                            "loss_ntp": float(st["loss_ntp"]), "loss_atp": float(st["loss_atp"]),
                            "loss_target": float(st["loss_target"]), "n_bar": float(st["n_bar_batch"]),
+                           "flops_ratio": float(st["flops"].sum() / st["flops_full"].sum()),
+                           "kv_ratio": float(st["kv_cache_bytes"].sum() / st["kv_cache_bytes_full"].sum()),
                            "seconds": seconds}
     has_image = st["images_per_sample"] > 0
     for k, layer in enumerate(st["layers"]):

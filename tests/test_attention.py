@@ -1,4 +1,11 @@
-"""atp_attention against reference.attention_ref (DESIGN §3.1): forward, lse and every gradient."""
+"""atp_attention against reference.attention_ref (DESIGN §3.1): forward, lse and every gradient.
+
+Every test runs on "cpu" and "cuda" (skipped without a GPU). What the CPU runs is fixed; on CUDA,
+which supports only float16/bfloat16 with head dims 64 and 128 (conftest.DTYPES_FOR /
+HEAD_DIMS_FOR), a test either picks supported values (conftest.pick: float32 -> float16,
+float64 -> bfloat16, small head dims -> 64, with dtype-aware tolerances) or, where the CPU case
+has no CUDA counterpart (float64 gradcheck), skips with the reason.
+"""
 from __future__ import annotations
 
 import math
@@ -10,14 +17,30 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 from atp_ops import atp_attention, reference
-from conftest import (ATTENTION_DEVICES, LOW_PRECISION, assert_close_fa, bias_dtype, leaf, make_bias,
-                      make_qkv, upstream)
+from conftest import (ATTENTION_DEVICES, LOW_PRECISION, assert_close_fa, bias_dtype, dtypes_for, head_dims_for,
+                      leaf, make_bias, make_qkv, pick, skip_unless_supported, upstream)
 
 NEG_INF = float("-inf")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 HEADS = ((4, 1), (4, 2), (2, 2), (1, 1))
 LAYOUTS = ("contiguous", "blhd", "last_dim_strided", "mixed")
 BIAS_KINDS = ("none", "finite", "neg_inf", "dead_sample")
+HEAD_DIMS = (8, 16, 64, 128)
+OP = "attention"  # conftest's name for atp_attention's kernels (forward and backward)
+
+
+def same_tol(dtype):
+    """Tolerance for two results of the kernel that must agree (the same math, other tiles or
+    summation order): tight for float64/float32; a couple of ulps for float16/bfloat16 (CUDA),
+    whose outputs are rounded to that dtype after float32 accumulation."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12)
+    if dtype == torch.float16:
+        return dict(rtol=4e-3, atol=1e-3)
+    if dtype == torch.bfloat16:
+        return dict(rtol=3e-2, atol=1e-2)
+    return dict(rtol=2e-6, atol=2e-6)
+
 
 def forward_backward(fn, q, k, v, key_bias, do, dlse, use_lse, **kw):
     """out, lse and grads (q, k, v, key_bias) of sum(out * do) [+ sum(finite lse * dlse)]."""
@@ -71,7 +94,9 @@ def check_against_reference(q, k, v, key_bias, causal, scale, use_lse, gen):
 
 
 @st.composite
-def attention_cases(draw):
+def attention_cases(draw, device):
+    """A case the kernel of `device` supports: the CPU draws from every dtype and HEAD_DIMS,
+    CUDA from its float16/bfloat16 and head dims 64/128 (the rest of the draw is the same)."""
     b = draw(st.integers(1, 3))
     hq, hkv = draw(st.sampled_from(HEADS))
     lq = draw(st.sampled_from([1, 2, 17, 63, 64, 65, 129]))
@@ -79,8 +104,8 @@ def attention_cases(draw):
         st.sampled_from([0, 1, 16, 47, 127]).map(lambda extra: lq + extra),
         st.sampled_from([255, 256, 257, 300, 513, 700]),  # crosses the 256-key CPU tile
     ))
-    d = draw(st.sampled_from([8, 16, 64, 128]))
-    dtype = draw(st.sampled_from(DTYPES))
+    d = draw(st.sampled_from(head_dims_for(OP, device, HEAD_DIMS)))
+    dtype = draw(st.sampled_from(dtypes_for(OP, device, DTYPES)))
     return dict(
         b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dtype=dtype,
         causal=draw(st.booleans()),
@@ -93,8 +118,9 @@ def attention_cases(draw):
 
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
-@given(case=attention_cases())
-def test_attention_matches_reference(device, case):
+@given(data=st.data())
+def test_attention_matches_reference(device, data):
+    case = data.draw(attention_cases(device), label="case")
     gen = torch.Generator().manual_seed(case["seed"])
     q, k, v = make_qkv(case["b"], case["hq"], case["hkv"], case["lq"], case["lk"], case["d"],
                        case["dtype"], case["layout"], device, gen)
@@ -114,14 +140,16 @@ def test_attention_matches_reference(device, case):
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_tile_edges(device, lq, lk, causal):
     gen = torch.Generator().manual_seed(lq * 1000 + lk)
-    q, k, v = make_qkv(2, 4, 2, lq, lk, 16, torch.float32, "blhd", device, gen)
-    key_bias = make_bias("neg_inf", 2, lk, torch.float32, device, gen)
+    dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, lq, lk, d, dtype, "blhd", device, gen)
+    key_bias = make_bias("neg_inf", 2, lk, dtype, device, gen)
     check_against_reference(q, k, v, key_bias, causal, None, True, gen)
 
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_low_precision_large_head_dim(device, dtype):
+    skip_unless_supported(OP, device, dtype, 128)  # CUDA: the float16/bfloat16 cases run
     gen = torch.Generator().manual_seed(7)
     q, k, v = make_qkv(1, 4, 2, 65, 300, 128, dtype, "contiguous", device, gen)
     key_bias = make_bias("finite", 1, 300, dtype, device, gen)
@@ -137,6 +165,9 @@ def test_attention_low_precision_large_head_dim(device, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_fully_masked_sample_gives_zero_and_no_nan(device, dtype, causal):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 17, 300, 16
+    if dtype == torch.float64:
+        skip_unless_supported(OP, device, dtype)  # CUDA: its bfloat16 stand-in is the bf16 case
+    dtype, d = pick(OP, device, dtype, d)  # CUDA: float32 -> float16; D = 64
     gen = torch.Generator().manual_seed(3)
     q, k, v = (leaf(t) for t in make_qkv(b, hq, hkv, lq, lk, d, dtype, "contiguous", device, gen))
     key_bias = torch.zeros(b, lk, dtype=bias_dtype(dtype), device=device)
@@ -160,7 +191,8 @@ def test_fully_masked_sample_gives_zero_and_no_nan(device, dtype, causal):
 def test_causal_more_queries_than_keys(device, lq, lk, dtype):
     """Bottom-right alignment: the top Lq - Lk rows see no key -> 0, lse -inf, zero grads."""
     gen = torch.Generator().manual_seed(lq + lk)
-    q, k, v = make_qkv(2, 4, 1, lq, lk, 16, dtype, "blhd", device, gen)
+    dtype, d = pick(OP, device, dtype, 16)  # CUDA: float32 -> float16, float64 -> bfloat16; D = 64
+    q, k, v = make_qkv(2, 4, 1, lq, lk, d, dtype, "blhd", device, gen)
     key_bias = make_bias("finite", 2, lk, dtype, device, gen)
     out, lse, grads = check_against_reference(q, k, v, key_bias, True, None, True, gen)
     top = lq - lk
@@ -180,6 +212,7 @@ def test_causal_more_queries_than_keys(device, lq, lk, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_neg_inf_bias_equals_removing_keys(device, causal, dtype):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 40, 330, 16
+    dtype, d = pick(OP, device, dtype, d)  # CUDA: float32 -> float16, float64 -> bfloat16; D = 64
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "contiguous", device, gen)
     bias = torch.randn(b, lk, generator=gen, dtype=torch.float64).to(bias_dtype(dtype)).to(device)
@@ -195,9 +228,11 @@ def test_neg_inf_bias_equals_removing_keys(device, causal, dtype):
     out, lse = atp_attention(q, k, v, masked, causal=causal, return_lse=True)
     out_r, lse_r = atp_attention(q, k.index_select(2, kept), v.index_select(2, kept),
                                  bias.index_select(1, kept), causal=causal, return_lse=True)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    tol = same_tol(dtype)
+    # lse is float32 for float16/bfloat16 q and never rounded to q's dtype.
+    lse_tol = dict(rtol=1e-5, atol=1e-5) if dtype in LOW_PRECISION else tol
     torch.testing.assert_close(out, out_r, **tol)
-    torch.testing.assert_close(lse, lse_r, **tol)
+    torch.testing.assert_close(lse, lse_r, **lse_tol)
 
     # And the gradients of the kept keys agree; the removed keys get exactly zero.
     qa, ka, va, ba = leaf(q), leaf(k), leaf(v), leaf(masked)
@@ -220,11 +255,14 @@ def test_neg_inf_bias_equals_removing_keys(device, causal, dtype):
 def test_log_mask_bias_is_the_papers_masked_softmax(device, causal):
     """key_bias = log M gives A_ij = M_j exp(s_ij) / sum_k M_k exp(s_ik) (paper 3.3.2), by hand."""
     b, hq, hkv, lq, lk, d = 2, 4, 2, 33, 290, 16
+    dtype, d = pick(OP, device, torch.float64, d, dtype_for_device=torch.float16)  # CUDA: fp16, D = 64
     gen = torch.Generator().manual_seed(5)
-    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, torch.float64, "contiguous", device, gen)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "contiguous", device, gen)
     m = torch.rand(b, lk, generator=gen, dtype=torch.float64).clamp_min(1e-3).to(device)  # M in (0, 1]
     m[:, ::7] = 1.0
-    out = atp_attention(q, k, v, torch.log(m), causal=causal)
+    log_m = torch.log(m).to(bias_dtype(dtype))
+    out = atp_attention(q, k, v, log_m, causal=causal)
+    q, k, v = q.double(), k.double(), v.double()  # the by-hand map, in float64 (no-op on the CPU)
 
     g = hq // hkv
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -235,20 +273,27 @@ def test_log_mask_bias_is_the_papers_masked_softmax(device, causal):
         j = torch.arange(lk, device=device)[None, :]
         weight = weight * (j <= i + lk - lq)
     expected = (weight / weight.sum(-1, keepdim=True)) @ vv
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    else:  # CUDA float16: FlashAttention's rule, PyTorch's own float16 computation as the budget
+        lowp = reference.attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), log_m, causal=causal,
+                                       upcast=False)
+        assert_close_fa("out", out, expected, lowp)
 
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 def test_key_bias_none_equals_zero_bias(device):
     gen = torch.Generator().manual_seed(2)
-    q, k, v = make_qkv(2, 4, 2, 65, 270, 16, torch.float32, "contiguous", device, gen)
+    dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, 65, 270, d, dtype, "contiguous", device, gen)
     out_none, lse_none = atp_attention(q, k, v, None, return_lse=True)
     out_zero, lse_zero = atp_attention(q, k, v, torch.zeros(2, 270, device=device), return_lse=True)
     torch.testing.assert_close(out_none, out_zero, rtol=0, atol=0)
     torch.testing.assert_close(lse_none, lse_zero, rtol=0, atol=0)
     # A constant bias shifts lse and leaves the output alone.
     out_c, lse_c = atp_attention(q, k, v, torch.full((2, 270), -3.0, device=device), return_lse=True)
-    torch.testing.assert_close(out_c, out_none, rtol=1e-5, atol=1e-6)
+    out_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else same_tol(dtype)
+    torch.testing.assert_close(out_c, out_none, **out_tol)
     torch.testing.assert_close(lse_c, lse_none - 3.0, rtol=1e-5, atol=1e-5)
 
 
@@ -256,7 +301,14 @@ def test_key_bias_none_equals_zero_bias(device):
 # gradcheck (float64)
 
 
+def skip_gradcheck_unless_float64(device):
+    """gradcheck needs float64, which CUDA attention does not support; the float64 gradients are
+    checked on the CPU, CUDA's against the reference in the fp16/bf16 tests above."""
+    skip_unless_supported(OP, device, torch.float64)
+
+
 def _gradcheck_inputs(device, causal_lq_lk=(5, 9)):
+    skip_gradcheck_unless_float64(device)
     lq, lk = causal_lq_lk
     gen = torch.Generator().manual_seed(13)
     q, k, v = make_qkv(2, 4, 2, lq, lk, 8, torch.float64, "blhd", device, gen)
@@ -294,6 +346,7 @@ def test_gradcheck_all_inputs_finite_bias(device, causal):
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 def test_gradcheck_across_key_tiles(device):
     """One gradcheck with Lk over the 256-key tile (q and key_bias only, to stay fast)."""
+    skip_gradcheck_unless_float64(device)
     gen = torch.Generator().manual_seed(17)
     q, k, v = make_qkv(1, 2, 1, 3, 260, 8, torch.float64, "contiguous", device, gen)
     bias = torch.randn(1, 260, generator=gen, dtype=torch.float64).to(device)
@@ -311,12 +364,13 @@ def test_gradcheck_across_key_tiles(device):
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_is_bitwise_deterministic(device, deterministic):
-    if device == "cuda" and not deterministic:
-        pytest.skip("CUDA promises bitwise repeatability only under use_deterministic_algorithms")
+    # Both settings on both devices: atp_attention's docstring promises a deterministic backward
+    # whatever use_deterministic_algorithms says (no kernel uses atomics).
     gen = torch.Generator().manual_seed(19)
-    q, k, v = make_qkv(2, 4, 1, 100, 400, 32, torch.float32, "blhd", device, gen)  # 2 x 2 tiles
-    bias = make_bias("neg_inf", 2, 400, torch.float32, device, gen)
-    do = torch.randn(q.shape, generator=gen).to(device)
+    dtype, d = pick(OP, device, torch.float32, 32)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 1, 100, 400, d, dtype, "blhd", device, gen)  # 2 x 2 tiles
+    bias = make_bias("neg_inf", 2, 400, dtype, device, gen)
+    do = torch.randn(q.shape, generator=gen).to(device, dtype)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
@@ -337,8 +391,9 @@ def test_backward_is_bitwise_deterministic(device, deterministic):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_attention_fwd(device, with_bias, causal):
     gen = torch.Generator().manual_seed(23)
-    q, k, v = (leaf(t) for t in make_qkv(2, 4, 2, 7, 11, 8, torch.float32, "blhd", device, gen))
-    bias = leaf(make_bias("neg_inf", 2, 11, torch.float32, device, gen)) if with_bias else None
+    dtype, d = pick(OP, device, torch.float32, 8)  # CUDA: float16, D = 64
+    q, k, v = (leaf(t) for t in make_qkv(2, 4, 2, 7, 11, d, dtype, "blhd", device, gen))
+    bias = leaf(make_bias("neg_inf", 2, 11, dtype, device, gen)) if with_bias else None
     opcheck(torch.ops.atp_ops.attention_fwd, (q, k, v, bias, causal, 0.35))
 
 
@@ -347,8 +402,9 @@ def test_opcheck_attention_fwd(device, with_bias, causal):
 @pytest.mark.parametrize("with_grad_lse", [False, True])
 def test_opcheck_attention_bwd(device, with_bias, with_grad_lse):
     gen = torch.Generator().manual_seed(29)
-    q, k, v = make_qkv(2, 4, 2, 7, 11, 8, torch.float32, "contiguous", device, gen)
-    bias = make_bias("neg_inf", 2, 11, torch.float32, device, gen) if with_bias else None
+    dtype, d = pick(OP, device, torch.float32, 8)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, 7, 11, d, dtype, "contiguous", device, gen)
+    bias = make_bias("neg_inf", 2, 11, dtype, device, gen) if with_bias else None
     out, lse = atp_attention(q, k, v, bias, causal=True, return_lse=True)
     do, dlse = upstream(out, lse, gen)
     opcheck(torch.ops.atp_ops.attention_bwd,
@@ -359,8 +415,9 @@ def test_opcheck_attention_bwd(device, with_bias, with_grad_lse):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
     gen = torch.Generator().manual_seed(31)
-    q, k, v = make_qkv(2, 4, 2, 9, 20, 16, torch.float32, "blhd", device, gen)
-    bias = make_bias("neg_inf", 2, 20, torch.float32, device, gen)
+    dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, 9, 20, d, dtype, "blhd", device, gen)
+    bias = make_bias("neg_inf", 2, 20, dtype, device, gen)
 
     def step(q, k, v, bias):
         out, lse = atp_attention(q, k, v, bias, causal=True, return_lse=True)
@@ -374,7 +431,8 @@ def test_torch_compile_fullgraph(device, backend):
     loss_c.backward()
     loss_e = step(*ins_e)
     loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e)
+    # float16 out: the compiled and eager sums of out * out may round differently.
+    torch.testing.assert_close(loss_c, loss_e, **({} if dtype == torch.float32 else same_tol(dtype)))
     for a, b in zip(ins_c, ins_e):
         torch.testing.assert_close(a.grad, b.grad)
 

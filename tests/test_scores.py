@@ -1,4 +1,12 @@
-"""atp_scores (DESIGN §3.2, paper Eq. 3-4) against reference.scores_ref and by-hand column means."""
+"""atp_scores (DESIGN §3.2, paper Eq. 3-4) against reference.scores_ref and by-hand column means.
+
+Every test runs on "cpu" and "cuda" (skipped without a GPU). What the CPU runs is fixed. CUDA's
+scores kernel takes float16/bfloat16/float32 with head dims up to 256, its attention kernel only
+float16/bfloat16 with head dims 64/128 (conftest.DTYPES_FOR / HEAD_DIMS_FOR): on CUDA a float64
+case runs at a supported dtype instead (conftest.pick), and where the CUDA attention kernel
+cannot produce lse for the case, lse comes from reference.attention_ref (float32, on the GPU),
+so the scores kernel is still the thing tested.
+"""
 from __future__ import annotations
 
 import math
@@ -10,10 +18,22 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 from atp_ops import atp_attention, atp_scores, reference
-from conftest import SCORES_DEVICES, bias_dtype, make_bias, make_qkv
+from conftest import SCORES_DEVICES, bias_dtype, dtypes_for, head_dims_for, make_bias, make_qkv, pick, supported
 
 NEG_INF = float("-inf")
 TOL = dict(rtol=1e-4, atol=1e-6)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+HEAD_DIMS = (8, 16, 64, 128)
+OP = "scores"  # conftest's name for atp_scores' kernel
+
+
+def attention_lse(q, k, v, key_bias, causal=True, scale=None):
+    """The lse of atp_attention (out discarded), as the scores take it. Where the device has no
+    attention kernel for q's dtype and head dim (CUDA with float32 or D not in 64/128), the
+    reference's lse instead: float32 (compute_dtype) on q's device, what atp_attention returns."""
+    if supported("attention", q.device, q.dtype, q.shape[-1]):
+        return atp_attention(q, k, v, key_bias, causal=causal, scale=scale, return_lse=True)[1]
+    return reference.attention_ref(q, k, v, key_bias, causal=causal, scale=scale, return_lse=True)[1]
 
 
 def vision_text_weights(b, lq, v0, v1, device, dtype=torch.float32):
@@ -34,7 +54,9 @@ def expand_kv(q, k):
 
 
 @st.composite
-def score_cases(draw):
+def score_cases(draw, device):
+    """A case the scores kernel of `device` supports: the CPU draws from every dtype, CUDA from
+    float32/float16/bfloat16 (head dims 8..128 are all <= 256); the rest of the draw is the same."""
     causal = draw(st.booleans())
     lq = draw(st.sampled_from([1, 2, 17, 64, 65, 129]))
     lk = draw(st.one_of(st.sampled_from([0, 1, 30]).map(lambda e: lq + e),
@@ -45,8 +67,8 @@ def score_cases(draw):
         b=draw(st.integers(1, 3)),
         heads=draw(st.sampled_from([(4, 1), (4, 2), (2, 2), (1, 1)])),
         lq=lq, lk=lk,
-        d=draw(st.sampled_from([8, 16, 64, 128])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])),
+        d=draw(st.sampled_from(head_dims_for(OP, device, HEAD_DIMS))),
+        dtype=draw(st.sampled_from(dtypes_for(OP, device, DTYPES))),
         causal=causal,
         layout=draw(st.sampled_from(["contiguous", "blhd", "last_dim_strided", "mixed"])),
         bias=draw(st.sampled_from(["none", "finite", "neg_inf", "dead_sample"])),
@@ -74,14 +96,15 @@ def make_weights(kind, b, lq, key_bias, dtype, device, gen):
 
 
 @pytest.mark.parametrize("device", SCORES_DEVICES)
-@given(case=score_cases())
-def test_scores_match_reference(device, case):
+@given(data=st.data())
+def test_scores_match_reference(device, data):
+    case = data.draw(score_cases(device), label="case")
     gen = torch.Generator().manual_seed(case["seed"])
     hq, hkv = case["heads"]
     b, lq, lk = case["b"], case["lq"], case["lk"]
     q, k, v = make_qkv(b, hq, hkv, lq, lk, case["d"], case["dtype"], case["layout"], device, gen)
     key_bias = make_bias(case["bias"], b, lk, case["dtype"], device, gen)
-    _, lse = atp_attention(q, k, v, key_bias, causal=case["causal"], scale=case["scale"], return_lse=True)
+    lse = attention_lse(q, k, v, key_bias, causal=case["causal"], scale=case["scale"])
     w_self, w_cross = make_weights(case["weights"], b, lq, key_bias, case["w_dtype"], device, gen)
 
     s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross, causal=case["causal"],
@@ -108,6 +131,7 @@ def test_scores_match_reference(device, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scores_equal_column_means_of_the_maps(device, causal, heads, dtype):
     b, lq, lk, d = 2, 70, 300, 16
+    dtype, d = pick(OP, device, dtype, d)  # CUDA: float64 -> bfloat16 (float32 and D = 16 as given)
     hq, hkv = heads
     gen = torch.Generator().manual_seed(hq * 10 + hkv + causal)
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "blhd", device, gen)
@@ -117,7 +141,7 @@ def test_scores_equal_column_means_of_the_maps(device, causal, heads, dtype):
     # A LLaVA-like row layout: system rows, vision rows, text rows.
     v0, v1 = 5, 50
     w_self, w_cross = vision_text_weights(b, lq, v0, v1, device)
-    _, lse = atp_attention(q, k, v, key_bias, causal=causal, return_lse=True)
+    lse = attention_lse(q, k, v, key_bias, causal=causal)
     s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross, causal=causal)
 
     q64, k64, kb64 = q.double(), expand_kv(q, k).double(), key_bias.double()
@@ -144,8 +168,9 @@ def test_scores_equal_column_means_of_the_maps(device, causal, heads, dtype):
 @pytest.mark.parametrize("device", SCORES_DEVICES)
 def test_s_self_is_invariant_to_weight_scale_and_linear_in_q(device):
     gen = torch.Generator().manual_seed(41)
-    q, k, v = make_qkv(2, 4, 2, 20, 40, 16, torch.float64, "contiguous", device, gen)
-    _, lse = atp_attention(q, k, v, None, return_lse=True)
+    dtype, d = pick(OP, device, torch.float64, 16, dtype_for_device=torch.float32)  # CUDA: float32
+    q, k, v = make_qkv(2, 4, 2, 20, 40, d, dtype, "contiguous", device, gen)
+    lse = attention_lse(q, k, v, None)
     w = torch.rand(2, 20, generator=gen, dtype=torch.float64).to(device)
     s1, c1 = atp_scores(q, k, lse, None, w, w)
     s2, c2 = atp_scores(q, k, lse, None, 7.5 * w, 7.5 * w)
@@ -159,7 +184,7 @@ def test_s_self_is_invariant_to_weight_scale_and_linear_in_q(device):
 def test_zero_weight_sum_gives_zero_scores(device):
     gen = torch.Generator().manual_seed(43)
     q, k, v = make_qkv(3, 4, 2, 17, 30, 8, torch.float32, "contiguous", device, gen)
-    _, lse = atp_attention(q, k, v, None, return_lse=True)
+    lse = attention_lse(q, k, v, None)
     w_self, w_cross = vision_text_weights(3, 17, 0, 10, device)
     w_self[1] = 0
     w_cross[2] = 0
@@ -180,7 +205,7 @@ def test_rows_that_saw_nothing_contribute_nothing(device):
     q, k, v = make_qkv(2, 2, 2, 9, 12, 8, torch.float32, "contiguous", device, gen)
     key_bias = torch.zeros(2, 12, device=device)
     key_bias[1] = NEG_INF
-    _, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    lse = attention_lse(q, k, v, key_bias)
     w = torch.ones(2, 9, device=device)
     s_self, s_cross = atp_scores(q, k, lse, key_bias, w, w)
     assert torch.isfinite(s_self).all() and torch.isfinite(s_cross).all()
@@ -195,7 +220,8 @@ def test_rows_that_saw_nothing_contribute_nothing(device):
 @pytest.mark.parametrize("device", SCORES_DEVICES)
 def test_scores_carry_no_gradient(device):
     gen = torch.Generator().manual_seed(53)
-    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 2, 9, 12, 8, torch.float32, "blhd", device, gen))
+    dtype, d = pick(("attention", OP), device, torch.float32, 8)  # CUDA: float16, D = 64
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 2, 9, 12, d, dtype, "blhd", device, gen))
     key_bias = torch.randn(2, 12, generator=gen).to(device).requires_grad_(True)
     out, lse = atp_attention(q, k, v, key_bias, return_lse=True)
     assert lse.requires_grad
@@ -210,7 +236,7 @@ def _score_args(device, requires_grad):
     gen = torch.Generator().manual_seed(59)
     q, k, v = make_qkv(2, 4, 2, 7, 11, 8, torch.float32, "blhd", device, gen)
     key_bias = make_bias("neg_inf", 2, 11, torch.float32, device, gen)
-    _, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    lse = attention_lse(q, k, v, key_bias)
     w_self, w_cross = vision_text_weights(2, 7, 0, 4, device)
     args = [q, k, lse, key_bias, w_self, w_cross]
     if requires_grad:
@@ -244,8 +270,9 @@ def test_raw_scores_op_accepts_requires_grad_inputs(device):
 @pytest.mark.parametrize("device", SCORES_DEVICES)
 def test_torch_compile_attention_then_scores(device):
     gen = torch.Generator().manual_seed(61)
-    q, k, v = make_qkv(2, 4, 2, 9, 20, 16, torch.float32, "blhd", device, gen)
-    key_bias = make_bias("neg_inf", 2, 20, torch.float32, device, gen)
+    dtype, d = pick(("attention", OP), device, torch.float32, 16)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, 9, 20, d, dtype, "blhd", device, gen)
+    key_bias = make_bias("neg_inf", 2, 20, dtype, device, gen)
     w_self, w_cross = vision_text_weights(2, 9, 0, 6, device)
 
     def layer(q, k, v, key_bias):

@@ -130,6 +130,6 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
-    extras_require={"llava": ["transformers", "safetensors", "tqdm"], "flash": ["flash-attn"],
+    extras_require={"llava": ["transformers>=5.24,<6", "safetensors", "tqdm"], "flash": ["flash-attn"],
                     "test": ["pytest", "hypothesis"]},
 )

@@ -1,5 +1,11 @@
 #include "rows.h"
 
+// The float clamps and selects below are only if-converted into vector blends when the compiler
+// may assume floating-point comparisons do not trap; nothing in this file enables FP traps.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -27,7 +33,11 @@ ATP_INLINE float exp_f32(float x) {
   const bool underflow = x < lo;
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln2) by adding 1.5 * 2^23, which leaves n in t's low mantissa bits (exact for
+  // |n| < 2^22); no call to floor, so the loop vectorises on every instruction set.
+  const float shifter = 12582912.0f;
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -37,7 +47,9 @@ ATP_INLINE float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  const int32_t bits = (t_bits - 0x4B400000 + 127) << 23;  // (n + 127) << 23: the float 2^n
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return underflow ? 0.0f : p * two_n;
@@ -69,7 +81,7 @@ ATP_INLINE T exp_shift_sum(T* row, int64_t n, T shift) {
 }
 
 // row[c] <- scale * row[c] + bias[c] for c < n; returns the max.
-template <typename T>
+template <typename T, bool kBias>
 ATP_INLINE T scale_bias_max(T* row, int64_t n, T scale, const T* bias) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T part[kLanes];
@@ -77,14 +89,14 @@ ATP_INLINE T scale_bias_max(T* row, int64_t n, T scale, const T* bias) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
-      const T s = row[c + u] * scale + (bias ? bias[c + u] : T(0));
+      const T s = kBias ? row[c + u] * scale + bias[c + u] : row[c + u] * scale;
       row[c + u] = s;
       part[u] = s > part[u] ? s : part[u];
     }
   }
   T mx = kNegInf;
   for (; c < n; ++c) {
-    const T s = row[c] * scale + (bias ? bias[c] : T(0));
+    const T s = kBias ? row[c] * scale + bias[c] : row[c] * scale;
     row[c] = s;
     mx = s > mx ? s : mx;
   }
@@ -96,7 +108,8 @@ template <typename T>
 ATP_INLINE T softmax_tile_row_impl(T* row, int64_t n_valid, int64_t n, T scale, const T* bias, T& m,
                                    T& l) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const T mx = scale_bias_max(row, n_valid, scale, bias);
+  const T mx = bias ? scale_bias_max<T, true>(row, n_valid, scale, bias)
+                    : scale_bias_max<T, false>(row, n_valid, scale, bias);
   for (int64_t c = n_valid; c < n; ++c) row[c] = 0;
   const T m_new = mx > m ? mx : m;
   if (m_new == kNegInf) {  // nothing visible to this row yet: p = 0, state unchanged
@@ -112,7 +125,11 @@ ATP_INLINE T softmax_tile_row_impl(T* row, int64_t n_valid, int64_t n, T scale, 
 
 template <typename T>
 ATP_INLINE void prob_row_impl(T* row, int64_t n_valid, int64_t n, T scale, const T* bias, T lse) {
-  for (int64_t c = 0; c < n_valid; ++c) row[c] = fast_exp(row[c] * scale + (bias ? bias[c] : T(0)) - lse);
+  if (bias) {
+    for (int64_t c = 0; c < n_valid; ++c) row[c] = fast_exp(row[c] * scale + bias[c] - lse);
+  } else {
+    for (int64_t c = 0; c < n_valid; ++c) row[c] = fast_exp(row[c] * scale - lse);
+  }
   for (int64_t c = n_valid; c < n; ++c) row[c] = 0;
 }
 

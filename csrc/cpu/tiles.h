@@ -7,7 +7,7 @@
 
 namespace atp::cpu {
 
-constexpr int64_t kBlockQ = 64;   // query rows per tile
+constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

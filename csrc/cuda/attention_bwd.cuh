@@ -181,25 +181,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     __syncthreads();  // tiles complete (the first pass also covers sK, sV, sBias)
 
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (Q, dO read column-major).
-#pragma unroll
-    for (int n = 0; n < kRows / 16; ++n) {
-      FragC s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        FragA<T> a;
-        FragBCol<T> bq;
-        wmma::load_matrix_sync(a, sK_w + kk * 16, kLdT);
-        wmma::load_matrix_sync(bq, sQ + n * 16 * kLdT + kk * 16, kLdT);
-        wmma::mma_sync(s, a, bq, s);
-        wmma::load_matrix_sync(a, sV_w + kk * 16, kLdT);
-        wmma::load_matrix_sync(bq, sdO + n * 16 * kLdT + kk * 16, kLdT);
-        wmma::mma_sync(dp, a, bq, dp);
-      }
-      wmma::store_matrix_sync(sS_w + n * 16, s, kLdS, wmma::mem_row_major);
-      wmma::store_matrix_sync(sdP_w + n * 16, dp, kLdS, wmma::mem_row_major);
-    }
+    warp_gemm_nt_pair<T, kRows, kD, kLdT, kLdS>(sK_w, sQ, sV_w, sdO, sS_w, sdP_w);
     __syncwarp();  // S^T and dP^T are visible to the lanes owning each key
 
     // P^T and dS^T = P^T * (dP^T - delta) for key j against query i0 + c.
@@ -302,25 +284,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     __syncthreads();  // tiles complete (the first pass also covers sQ, sdO, sLse, sDelta)
 
     // S = Q K^T and dP = dO V^T for the warp's 16 rows (K, V read column-major).
-#pragma unroll
-    for (int n = 0; n < kKeys / 16; ++n) {
-      FragC s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        FragA<T> a;
-        FragBCol<T> bk;
-        wmma::load_matrix_sync(a, sQ_w + kk * 16, kLdT);
-        wmma::load_matrix_sync(bk, sK + n * 16 * kLdT + kk * 16, kLdT);
-        wmma::mma_sync(s, a, bk, s);
-        wmma::load_matrix_sync(a, sdO_w + kk * 16, kLdT);
-        wmma::load_matrix_sync(bk, sV + n * 16 * kLdT + kk * 16, kLdT);
-        wmma::mma_sync(dp, a, bk, dp);
-      }
-      wmma::store_matrix_sync(sS_w + n * 16, s, kLdS, wmma::mem_row_major);
-      wmma::store_matrix_sync(sdP_w + n * 16, dp, kLdS, wmma::mem_row_major);
-    }
+    warp_gemm_nt_pair<T, kKeys, kD, kLdT, kLdS>(sQ_w, sK, sdO_w, sV, sS_w, sdP_w);
     __syncwarp();  // S and dP are visible to the lanes owning each row
 
     for (int c = half; c < kKeys; c += 2) {

@@ -44,6 +44,34 @@ template <typename T>
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
+// Two products of one warp's 16 rows against kN rows of shared tiles, both "A times B
+// transposed": out1 = A1 B1^T and out2 = A2 B2^T, A row-major [16, kD] and B row-major [kN, kD]
+// (read as column-major fragments, i.e. transposed), outputs float row-major [16, kN], leading
+// dims kLdT (inputs) and kLdOut (outputs). The backward's S/dP and S^T/dP^T are both this.
+template <typename T, int kN, int kD, int kLdT, int kLdOut>
+__device__ __forceinline__ void warp_gemm_nt_pair(const T* a1, const T* b1, const T* a2, const T* b2,
+                                                  float* out1, float* out2) {
+#pragma unroll
+  for (int n = 0; n < kN / 16; ++n) {
+    FragC c1, c2;
+    wmma::fill_fragment(c1, 0.f);
+    wmma::fill_fragment(c2, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      FragA<T> a;
+      FragBCol<T> b;
+      wmma::load_matrix_sync(a, a1 + kk * 16, kLdT);
+      wmma::load_matrix_sync(b, b1 + n * 16 * kLdT + kk * 16, kLdT);
+      wmma::mma_sync(c1, a, b, c1);
+      wmma::load_matrix_sync(a, a2 + kk * 16, kLdT);
+      wmma::load_matrix_sync(b, b2 + n * 16 * kLdT + kk * 16, kLdT);
+      wmma::mma_sync(c2, a, b, c2);
+    }
+    wmma::store_matrix_sync(out1 + n * 16, c1, kLdOut, wmma::mem_row_major);
+    wmma::store_matrix_sync(out2 + n * 16, c2, kLdOut, wmma::mem_row_major);
+  }
+}
+
 // Copies rows [row0, row0 + kRows) of a (n_rows x kD) matrix (row stride `row_stride` elements,
 // last dim contiguous) into shared memory with leading dimension kLd. Rows >= n_rows are
 // zero-filled, so padded rows contribute exactly 0 to every product. All kThreads threads of

@@ -6,10 +6,13 @@
 from .config import ATPConfig
 from .efficiency import layer_flops, run_cost
 from .io import load_atp, read_atp_config, save_atp
-from .layout import VisionLayout
+from .layout import SeqView, VisionLayout
 from .losses import atp_losses, tokens_per_layer
 from .modules import ATPModules, ThresholdMLP
-from .patch import ATTN_IMPLEMENTATION, SUPPORTED_TRANSFORMERS, apply_atp, check_transformers_version, get_atp_controller
+from .patch import (ATTN_IMPLEMENTATION, KEEP_REDUNDANT, KEEP_SPATIAL, SUPPORTED_TRANSFORMERS, apply_atp,
+                    check_transformers_version, get_atp_controller)
+from .report import ATPReport
+from .visualize import render_pruning, visualize_pruning, write_png
 from .rope2d import positions_3d, rope_2d_cos_sin
 from .spatial import default_strides, spatial_score
 
@@ -22,6 +25,13 @@ __all__ = [
     "ATPModules",
     "ThresholdMLP",
     "VisionLayout",
+    "SeqView",
+    "ATPReport",
+    "visualize_pruning",
+    "render_pruning",
+    "write_png",
+    "KEEP_REDUNDANT",
+    "KEEP_SPATIAL",
     "atp_losses",
     "tokens_per_layer",
     "spatial_score",

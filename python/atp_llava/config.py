@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["ATPConfig", "MODES"]
 
-MODES = ("adaptive", "fixed")
+MODES = ("adaptive", "fixed", "fastv")
 
 
 @dataclass
@@ -37,16 +37,24 @@ class ATPConfig:
         mlp_width: width of z in Eq. 6.
         init_threshold: initial theta_r and theta_s (the heads' bias is its logit); small keeps
             most tokens at the start of training.
-        mode: "adaptive" (learned thresholds, soft masks in training, Eq. 6-11) or "fixed"
+        mode: "adaptive" (learned thresholds, soft masks in training, Eq. 6-11), "fixed"
             (paper Table 2: top-k by the same redundant score at the same layers, tokens masked
-            with -inf, no learned parameters).
-        fixed_keep: "fixed" mode: vision tokens per image kept after each ATP layer, one per
-            entry of ``layers`` (e.g. (136, 68, 34)).
+            with -inf, no learned parameters) or "fastv" (the FastV baseline: one layer, top-k
+            by the attention the sample's last instruction token pays to each image token, i.e.
+            S_cross with a one-row weight). "fixed" and "fastv" have no ATP parameters: training
+            them needs ``train_lm``.
+        fixed_keep: "fixed"/"fastv": vision tokens per image kept after each ATP layer, one per
+            entry of ``layers`` (e.g. (136, 68, 34)); ``matched_fastv_keep`` gives FastV's count
+            for a given average.
         train_lm: False = frozen LM, only the ATP modules train (paper Table 3 "Frozen");
             True = the language model, projector and lm_head train as well (vision tower frozen,
             as in LLaVA-1.5 instruction tuning).
         hard_in_eval: in ``model.eval()`` the masks are hard (Eq. 9-11 thresholded, -inf
             bias), which is what inference with real pruning computes for the kept tokens.
+        prune_in_eval: in ``model.eval()`` with hard masks, pruned tokens really leave the
+            sequence (and the KV cache) of all later layers: inference as the paper runs it.
+            False keeps them in place with key_bias -inf (the training path with 0/1 masks;
+            the same logits for the tokens that remain, but no speed-up and no generate()).
         theta_override: (theta_r, theta_s) used instead of the MLP's thresholds (ablations,
             tests). Values outside (0, 1) are allowed: (-5, -5) with T >= 10 keeps every token
             with a bias of exactly 0 in float32.
@@ -75,6 +83,7 @@ class ATPConfig:
     fixed_keep: Optional[Tuple[int, ...]] = None
     train_lm: bool = False
     hard_in_eval: bool = True
+    prune_in_eval: bool = True
     theta_override: Optional[Tuple[float, float]] = None
     rope_2d: bool = False
     rope_2d_section: Optional[Tuple[int, int, int]] = None
@@ -96,13 +105,15 @@ class ATPConfig:
             self.image_grid = tuple(int(s) for s in self.image_grid)
             if len(self.image_grid) != 2:
                 raise ValueError(f"ATPConfig.image_grid must be (H, W), got {self.image_grid}")
-        if self.mode == "fixed":
+        if self.mode != "adaptive":
             if self.fixed_keep is None or len(self.fixed_keep) != len(self.layers):
                 raise ValueError("ATPConfig.fixed_keep must give one kept-token count per ATP layer in "
-                                 f"mode='fixed'; layers={self.layers}, fixed_keep={self.fixed_keep}")
+                                 f"mode={self.mode!r}; layers={self.layers}, fixed_keep={self.fixed_keep}")
             self.fixed_keep = tuple(int(x) for x in self.fixed_keep)
-            if not self.train_lm:
-                raise ValueError("ATPConfig: mode='fixed' has no learned parameters; it needs train_lm=True")
+            if min(self.fixed_keep) < 0:
+                raise ValueError(f"ATPConfig.fixed_keep must be >= 0, got {self.fixed_keep}")
+        if self.mode == "fastv" and len(self.layers) != 1:
+            raise ValueError(f"ATPConfig: mode='fastv' prunes at one layer, got layers={self.layers}")
         if self.theta_override is not None:
             self.theta_override = tuple(float(x) for x in self.theta_override)
         if self.rope_2d_section is not None:
@@ -119,6 +130,17 @@ class ATPConfig:
     def score_layer(atp_layer: int) -> int:
         """Decoder layer whose attention (q, k, lse) feeds the ATP module at ``atp_layer``."""
         return atp_layer - 1
+
+    @staticmethod
+    def matched_fastv_keep(n_bar: float, layer: int, num_layers: int, n_grid: int) -> int:
+        """FastV's kept tokens per image when it prunes before decoder ``layer`` (of
+        ``num_layers``) so that the average over all layers is ``n_bar`` (the paper's "Token"
+        column): ``(layer * n_grid + (num_layers - layer) * keep) / num_layers = n_bar``."""
+        keep = (n_bar * num_layers - layer * n_grid) / (num_layers - layer)
+        if not 0 <= round(keep) <= n_grid:
+            raise ValueError(f"matched_fastv_keep: an average of {n_bar} tokens cannot be reached by pruning "
+                             f"before layer {layer} of {num_layers} ({n_grid} tokens per image)")
+        return int(round(keep))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

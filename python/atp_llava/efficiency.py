@@ -25,15 +25,21 @@ def run_cost(vision_per_layer: torch.Tensor, text_tokens: torch.Tensor, vision_t
 
     vision_per_layer: (B, num_layers) vision tokens each decoder layer saw (all images of the
     sample); text_tokens, vision_tokens: (B,) real non-image tokens and unpruned vision tokens.
-    Returns float64 (B,) tensors: flops, flops_full (no pruning), kv_cache_bytes,
-    kv_cache_bytes_full (2 * tokens * Hkv * D * bytes per layer, summed).
+    Returns float64 tensors: ``tokens_seen`` (B, num_layers) tokens each layer saw,
+    ``flops_per_layer`` (B, num_layers) and ``flops`` (B,) by Eq. 15, ``flops_full`` (B,) without
+    pruning (``flops_full - flops`` is Eq. 16), ``kv_cache_bytes_per_layer`` (B, num_layers),
+    ``kv_cache_bytes`` and ``kv_cache_bytes_full`` (B,) (2 * tokens * Hkv * D * bytes per layer).
     """
     seen = text_tokens.double()[:, None] + vision_per_layer.double()
     full = (text_tokens + vision_tokens).double()[:, None].expand_as(seen)
     kv = 2 * kv_heads * head_dim * bytes_per_element
+    flops = layer_flops(seen, hidden, ffn)
     return {
-        "flops": layer_flops(seen, hidden, ffn).sum(1),
+        "tokens_seen": seen,
+        "flops_per_layer": flops,
+        "flops": flops.sum(1),
         "flops_full": layer_flops(full, hidden, ffn).sum(1),
+        "kv_cache_bytes_per_layer": seen * kv,
         "kv_cache_bytes": (seen * kv).sum(1),
         "kv_cache_bytes_full": (full * kv).sum(1),
     }

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["VisionLayout", "IGNORE_INDEX"]
+__all__ = ["VisionLayout", "SeqView", "gather_slots", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -50,10 +50,13 @@ class VisionLayout:
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, image_token_id: int, n_grid: int,
                    attention_mask: Optional[torch.Tensor] = None,
-                   labels: Optional[torch.Tensor] = None) -> "VisionLayout":
+                   labels: Optional[torch.Tensor] = None,
+                   prompt_len: Optional[int] = None) -> "VisionLayout":
         """Build the layout from ``input_ids`` (B, L), the optional padding ``attention_mask``
         (B, L) (1 = real token; left or right padding) and optional ``labels`` (B, L) (HF
-        convention: ``labels[b, t] != -100`` marks token t as an answer token).
+        convention: ``labels[b, t] != -100`` marks token t as an answer token). ``prompt_len``:
+        positions from it on are generated tokens (generate() recomputing its prefix), which
+        are not instruction rows either, so pruning follows the prompt alone.
 
         A run of image tokens must hold a whole number of images (k * n_grid tokens); each chunk
         of n_grid consecutive image tokens is one image, so several images per prompt work.
@@ -93,6 +96,8 @@ class VisionLayout:
         text = valid & ~(input_ids == image_token_id)
         if labels is not None:
             text = text & (labels.to(device) == IGNORE_INDEX)
+        if prompt_len is not None:
+            text = text & (torch.arange(l, device=device) < prompt_len)[None, :]
         after = torch.arange(l, device=device)[None, :] > image_pos[:, -1:]
         text_rows = after & text[image_sample]
         return cls(batch=b, seq_len=l, n_grid=n_grid, pad_bias=pad_bias, image_sample=image_sample,
@@ -114,3 +119,61 @@ class VisionLayout:
         out = out.index_add(0, self.image_sample, per_image)
         denom = self.images_per_sample.clamp_min(1).to(per_image.dtype)
         return out / denom.view((-1,) + (1,) * (per_image.dim() - 1))
+
+
+def gather_slots(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``out[b, j] = x[b, index[b, j]]`` along dim 1, ``fill`` where ``index`` is -1.
+    x (B or 1, L, ...), index (B, Lc) long -> (B, Lc, ...)."""
+    b, lc = index.shape
+    x = x.expand((b,) + x.shape[1:])
+    trail = (1,) * (x.dim() - 2)
+    out = x.gather(1, index.clamp_min(0).view(b, lc, *trail).expand((b, lc) + x.shape[2:]))
+    return out.masked_fill((index < 0).view(b, lc, *trail), fill)
+
+
+@dataclass
+class SeqView:
+    """Which original positions a pruned sequence holds (inference with real pruning).
+
+    After an ATP layer drops tokens, every sample keeps its own number of tokens; the batch is
+    padded to the longest, right-aligned (the empty slots come first, like left padding, so the
+    last slot is always the sample's last token and new tokens append after it).
+
+        orig   (B, Lc) long: the original position held by each slot, -1 for an empty slot
+        src    (B, Lc) long: the slot of the previous view (or original position) it came from
+        valid  (B, Lc) bool: slot holds a token
+        inv    (B, L) long: the slot of each original position, Lc where it is gone
+    """
+
+    orig: torch.Tensor
+    src: torch.Tensor
+    valid: torch.Tensor
+    inv: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.orig.shape[1])
+
+    @classmethod
+    def keep(cls, keep: torch.Tensor, prev: Optional["SeqView"], seq_len: int) -> "SeqView":
+        """The view of the slots of ``prev`` (identity if None) where ``keep`` (B, Lc_prev) holds."""
+        b = keep.shape[0]
+        counts = keep.sum(1)
+        length = int(counts.max().item()) if b else 0
+        rows, cols = keep.nonzero(as_tuple=True)
+        slot = (keep.cumsum(1) - 1 + (length - counts)[:, None])[rows, cols]
+        src = torch.full((b, length), -1, dtype=torch.long, device=keep.device)
+        src[rows, slot] = cols
+        orig = src if prev is None else gather_slots(prev.orig, src, -1)
+        valid = orig >= 0
+        inv = torch.full((b, seq_len), length, dtype=torch.long, device=keep.device)
+        r, c = valid.nonzero(as_tuple=True)
+        inv[r, orig[r, c]] = c
+        return cls(orig=orig, src=src, valid=valid, inv=inv)
+
+    def untake(self, x: torch.Tensor, seq_len: int, fill: float = 0.0) -> torch.Tensor:
+        """x (B, Lc, ...) in slots -> (B, L, ...) in original positions; ``fill`` where gone."""
+        out = x.new_full((x.shape[0], seq_len) + x.shape[2:], fill)
+        r, c = self.valid.nonzero(as_tuple=True)
+        out[r, self.orig[r, c]] = x[r, c]
+        return out

@@ -18,6 +18,14 @@ checkpointing (transformers' default, non-reentrant) keeps that keyword in the l
 and the ATP modules run in pre-hooks, outside the checkpointed forward, so a replay only reads
 the bias its layer used and never repeats an ATP step.
 
+Inference (``model.eval()``, ``config.prune_in_eval``): the ATP step gathers the kept tokens, so
+every later decoder layer runs on a shorter, per-sample ragged batch (``SeqView``: right-aligned,
+empty slots masked with key_bias -inf, original position ids gathered with the tokens); the last
+hidden state is scattered back to the original positions, so logits keep the input's shape.
+Each decoder layer's KV cache holds only what that layer saw; the per-layer key bias of the
+cache entries is kept beside the cache (``CacheState``) and grows as ``generate()`` appends
+tokens. Decoding steps never prune: new tokens are text.
+
 Adding another decoder (e.g. Qwen2 as the LLaVA text model) needs only what
 ``_language_model`` reads: decoder layers under ``language_model.layers`` whose attention module
 has ``layer_idx`` and calls the attention interface; the attention function refuses sliding
@@ -26,9 +34,10 @@ windows, which it does not implement.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,12 +46,13 @@ import atp_ops
 
 from .config import ATPConfig
 from .efficiency import run_cost
-from .layout import VisionLayout
+from .layout import SeqView, VisionLayout, gather_slots
 from .losses import atp_losses
 from .modules import ATPModules
+from .report import ATPReport
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
-__all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "ATPState", "get_atp_controller",
+__all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "KEEP_REDUNDANT", "KEEP_SPATIAL", "ATPState", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
 
 ATTN_IMPLEMENTATION = "atp"
@@ -75,26 +85,41 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Per-forward state
 
+# Why a token survived an ATP layer with hard masks (atp_stats["keep_codes"]); a bit each.
+KEEP_REDUNDANT = 1  # S_red > theta_r (fixed mode: in the top k)
+KEEP_SPATIAL = 2    # S_spatial > theta_s
+
 
 @dataclass
 class ATPState:
-    """Everything one forward pass of an ATP model carries between its layers.
+    """Everything one full forward pass of an ATP model carries between its layers.
 
-    bias_by_layer: decoder layer -> the (B, L) key_bias it used (read again by a checkpoint
-        replay). ``current_bias`` is what the next layer that has not run yet will use.
+    bias_by_layer: decoder layer -> the key_bias it used, in the slots it ran on (read again by a
+        checkpoint replay, and kept for decoding against the cache). ``current_bias`` is what the
+        next layer that has not run yet will use.
     img_bias: (I, N) cumulative log mask of every image's tokens (differentiable).
-    captures: score layer -> detached (q, k, lse, key_bias, scale) for the ATP step after it.
+    prune: pruned tokens leave the sequence (inference); ``view`` is then the SeqView the
+        layers from the last ATP layer on run on (None: all original positions), and
+        ``position_embeddings`` / ``position_ids`` are the layers' rotary inputs gathered to it.
+    captures: score layer -> detached (q, k, lse, key_bias, scale, causal) for the ATP step after it.
     kept, theta_r, theta_s: one (I,) tensor per ATP layer run so far.
+    keep_codes: hard masks only, one (I, N) uint8 tensor per ATP layer run so far: why each
+        token survived that layer (KEEP_* bits; 0 = pruned there or before).
     """
 
     layout: VisionLayout
     hard: bool
+    prune: bool
     current_bias: torch.Tensor
     img_bias: torch.Tensor
     score_layers: Tuple[int, ...]
+    view: Optional[SeqView] = None
+    position_embeddings: Optional[Tuple[torch.Tensor, ...]] = None
+    position_ids: Optional[torch.Tensor] = None
     bias_by_layer: Dict[int, torch.Tensor] = field(default_factory=dict)
     captures: Dict[int, Tuple[torch.Tensor, ...]] = field(default_factory=dict)
     kept: List[torch.Tensor] = field(default_factory=list)
+    keep_codes: List[torch.Tensor] = field(default_factory=list)
     theta_r: List[torch.Tensor] = field(default_factory=list)
     theta_s: List[torch.Tensor] = field(default_factory=list)
 
@@ -103,6 +128,47 @@ class ATPState:
         if bias is None:
             bias = self.bias_by_layer[layer_idx] = self.current_bias
         return bias
+
+
+@dataclass
+class CacheState:
+    """What a pruned prefill leaves beside its KV cache for the decoding steps after it.
+
+    bias: decoder layer (from the first ATP layer on) -> (B, L_j) key_bias of that layer's cache
+        entries (-inf on empty slots of the ragged batch); grows with every decoding step.
+    stats: the prefill's atp_stats (the efficiency report of a generate() call starts there).
+    appended: tokens appended to every layer's cache since the prefill.
+    """
+
+    bias: Dict[int, torch.Tensor]
+    batch: int
+    stats: Dict[str, Any]
+    appended: int = 0
+
+    def extend(self, layer_idx: int, lq: int, lk: int, attention_mask: Optional[torch.Tensor],
+               device: torch.device) -> torch.Tensor:
+        """The key_bias of layer ``layer_idx`` for ``lq`` new tokens just appended to its cache."""
+        old = self.bias[layer_idx]
+        if lk != old.shape[1] + lq or old.shape[0] != self.batch:
+            raise RuntimeError(f"ATP-LLaVA decoding: layer {layer_idx}'s cache holds {lk - lq} entries for "
+                               f"{old.shape[0]} samples, the pruned prefill left {old.shape[1]}: the cache was "
+                               "changed outside ATP-LLaVA (beam search, cropping, reuse across prompts)")
+        if attention_mask is None:
+            new = torch.zeros(old.shape[0], lq, dtype=old.dtype, device=device)
+        else:
+            valid = attention_mask[:, -lq:].to(device=device, dtype=torch.bool)
+            new = torch.zeros(valid.shape, dtype=old.dtype, device=device).masked_fill(~valid, float("-inf"))
+        bias = self.bias[layer_idx] = torch.cat([old, new], dim=1)
+        return bias
+
+
+@dataclass
+class DecodeState:
+    """One decoding forward against a pruned cache: layers from ``first_layer`` on read their key
+    bias from ``cache``; earlier layers hold every token and use the stock padding mask."""
+
+    cache: CacheState
+    first_layer: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,17 +192,22 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
                          f"must be 0 in training), got {dropout}")
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("atp attention: sliding-window attention is not supported")
-    state: Optional[ATPState] = kwargs.get("atp_state")
+    state = kwargs.get("atp_state")
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     layer_idx = module.layer_idx
     lq, lk = query.shape[2], key.shape[2]
-    if state is not None and lq == lk == state.layout.seq_len:
+    if isinstance(state, ATPState):
         key_bias = state.bias_for_layer(layer_idx)
+        if not lq == lk == key_bias.shape[1]:
+            raise RuntimeError(f"atp attention: layer {layer_idx} got {lq} queries and {lk} keys, the ATP forward "
+                               f"holds {key_bias.shape[1]} tokens there (a cache that was not empty?)")
         if key_bias.requires_grad and not torch.is_grad_enabled():
             # Only a reentrant checkpoint runs a layer without grad inside a forward that
             # builds the mask graph: the masks' gradient would be lost, or taken twice.
             raise RuntimeError("atp attention: reentrant gradient checkpointing is not supported; use "
                                "activation_checkpointing_kwargs={'use_reentrant': False} (the default)")
+    elif isinstance(state, DecodeState) and layer_idx >= state.first_layer:
+        key_bias = state.cache.extend(layer_idx, lq, lk, attention_mask, query.device)
     elif attention_mask is None:
         key_bias = None
     elif attention_mask.dim() == 2:
@@ -150,8 +221,7 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         key_bias = key_bias.double()
     out, lse = atp_ops.atp_attention(query, key, value, key_bias, causal=causal, scale=scaling,
                                      return_lse=True)
-    if state is not None and layer_idx in state.score_layers and layer_idx not in state.captures \
-            and lq == lk == state.layout.seq_len:
+    if isinstance(state, ATPState) and layer_idx in state.score_layers and layer_idx not in state.captures:
         state.captures[layer_idx] = (query.detach(), key.detach(), lse.detach(),
                                      None if key_bias is None else key_bias.detach(), scaling, causal)
     return out.transpose(1, 2), None
@@ -205,9 +275,13 @@ class ATPController:
         self.num_layers = num_layers
         self.score_layers = tuple(ATPConfig.score_layer(l) for l in self.config.layers)
         self._signature = inspect.signature(type(model).forward)
-        self._pending: Optional[ATPState] = None
-        self._active: Optional[ATPState] = None
-        self._lm_state: Optional[ATPState] = None  # read by the 2D-RoPE hook
+        self._pending: Optional[Union[ATPState, DecodeState]] = None
+        self._active: Optional[Union[ATPState, DecodeState]] = None
+        self._lm_state: Optional[Union[ATPState, DecodeState]] = None  # read by the LM and rotary hooks
+        # Pruned prefills' per-layer cache bias, keyed by the transformers cache object they filled.
+        self._caches: "weakref.WeakKeyDictionary[Any, CacheState]" = weakref.WeakKeyDictionary()
+        self._prompt_len: Optional[int] = None  # inside generate(): the prompt's length
+        self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
 
@@ -221,15 +295,37 @@ class ATPController:
                              "is not supported")
         cache = bound.get("cache", bound.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError("ATP-LLaVA training forward: decoding against a filled KV cache is "
-                                      "not supported (pruned tokens would come back); run full sequences")
-        layout = VisionLayout.from_batch(input_ids, self.image_token_id, self.atp.n_grid,
-                                         bound.get("attention_mask"), bound.get("labels"))
+            self._active = self._pending = self._decode_state(module, cache, input_ids)
+            return
         hard = (not module.training) and self.config.hard_in_eval
+        prune = hard and self.config.prune_in_eval
+        from transformers.cache_utils import DynamicCache
+
+        if prune and cache is not None and not isinstance(cache, DynamicCache):
+            raise TypeError(f"ATP-LLaVA inference needs a DynamicCache (each layer keeps its own number of "
+                            f"tokens), got {type(cache).__name__}")
+        layout = VisionLayout.from_batch(input_ids, self.image_token_id, self.atp.n_grid,
+                                         bound.get("attention_mask"), bound.get("labels"), self._prompt_len)
         self._active = self._pending = ATPState(
-            layout=layout, hard=hard, current_bias=layout.pad_bias,
+            layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias,
             img_bias=layout.pad_bias.new_zeros(layout.num_images, layout.n_grid),
             score_layers=self.score_layers)
+
+    def _decode_state(self, module, cache, input_ids: torch.Tensor) -> DecodeState:
+        state = self._caches.get(cache)
+        if state is None:
+            raise NotImplementedError(
+                "ATP-LLaVA: this KV cache was not filled by a pruned prefill (model.eval() with "
+                "ATPConfig.prune_in_eval and hard_in_eval); decoding against it would bring pruned tokens back. "
+                "Run full sequences, or prefill in eval mode")
+        if module.training:
+            raise RuntimeError("ATP-LLaVA: decoding against a pruned cache needs model.eval()")
+        if input_ids.shape[0] != state.batch:
+            raise RuntimeError(f"ATP-LLaVA decoding: {input_ids.shape[0]} samples against a cache pruned for "
+                               f"{state.batch} (beam search and batch changes are not supported)")
+        if bool((input_ids == self.image_token_id).any()):
+            raise NotImplementedError("ATP-LLaVA decoding: image tokens after the prefill are not supported")
+        return DecodeState(cache=state, first_layer=self.config.layers[0])
 
     def language_model_pre_forward(self, module, args, kwargs):
         state, self._pending = self._pending, None
@@ -238,12 +334,24 @@ class ATPController:
             return None
         return args, {**kwargs, "atp_state": state}
 
+    def language_model_post_forward(self, module, args, kwargs, output):
+        """Pruned forward: scatter the last hidden state back to the original positions, so the
+        logits keep the input's shape (positions of pruned tokens hold zeros)."""
+        state = self._lm_state
+        if not isinstance(state, ATPState) or state.view is None:
+            return output
+        hidden = state.view.untake(output[0], state.layout.seq_len)
+        if isinstance(output, tuple):
+            return (hidden,) + tuple(output[1:])
+        output.last_hidden_state = hidden
+        return output
+
     def rotary_post_forward(self, module, args, kwargs, output):
         """2D RoPE (config.rope_2d): replace the rotary module's (cos, sin) with the (t, row, col)
         version for this batch's vision tokens."""
         state = self._lm_state
         position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        if state is None or position_ids is None or position_ids.shape[-1] != state.layout.seq_len:
+        if not isinstance(state, ATPState) or position_ids is None or position_ids.shape[-1] != state.layout.seq_len:
             return output
         cos, _ = output
         pos3 = positions_3d(position_ids.to(cos.device), state.layout, self.atp.grid)
@@ -251,8 +359,39 @@ class ATPController:
 
     def model_post_forward(self, module, args, kwargs, output):
         state, self._active, self._pending, self._lm_state = self._active, None, None, None
+        if isinstance(state, DecodeState):
+            state.cache.appended += int(kwargs.get("input_ids", args[0] if args else None).shape[1])
+            return output
         if state is None:
             return output
+        stats = self._stats(module, state)
+        if state.prune:
+            cache = _output_cache(output)
+            if cache is not None:
+                first = self.config.layers[0]
+                self._caches[cache] = CacheState(
+                    bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
+                    batch=state.layout.batch, stats=stats)
+        report = ATPReport.from_stats(stats)
+        object.__setattr__(module, "atp_report", report)
+        if self._prompt_len is not None and self._call_report is None:
+            self._call_report = report  # generate(): the prompt's forward
+        if isinstance(output, tuple):
+            return output
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            stats["loss_ntp"] = loss.detach()
+            if self.config.mode == "adaptive":
+                output.loss = loss + stats.pop("_budget")  # Eq. 14
+        stats.pop("_budget", None)
+        output.atp_stats = stats
+        # The live (graph-connected) budget terms, for custom objectives and tests.
+        output.atp_losses = stats.pop("_losses")
+        return output
+
+    def _stats(self, module, state: ATPState) -> Dict[str, Any]:
+        """atp_stats of a full forward (see apply_atp), with the live budget terms under the
+        private keys ``_budget`` and ``_losses``."""
         cfg = self.config
         lay = state.layout
         k = len(cfg.layers)
@@ -275,8 +414,15 @@ class ATPController:
             "loss_atp": losses["loss_atp"].detach(),
             "loss_target": losses["loss_target"].detach(),
             "images_per_sample": lay.images_per_sample,
+            "image_sample": lay.image_sample,
             "hard": state.hard,
+            "pruned": state.prune,
+            "_budget": extra,
+            "_losses": {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
+                        "n_bar_batch": losses["n_bar_batch"]},
         }
+        if state.keep_codes:
+            stats["keep_codes"] = state.keep_codes
         n_vis = lay.images_per_sample * lay.n_grid
         real = torch.isfinite(lay.pad_bias).sum(1)
         cost = run_cost(losses["per_layer"].detach() * lay.images_per_sample[:, None], real - n_vis, n_vis,
@@ -285,29 +431,40 @@ class ATPController:
         if state.theta_r:
             stats["theta_r"] = lay.per_sample_mean(torch.stack(state.theta_r, 1)).detach()
             stats["theta_s"] = lay.per_sample_mean(torch.stack(state.theta_s, 1)).detach()
-        if isinstance(output, tuple):
-            return output
-        loss = getattr(output, "loss", None)
-        if loss is not None:
-            stats["loss_ntp"] = loss.detach()
-            if cfg.mode == "adaptive":
-                output.loss = loss + extra  # Eq. 14
-        output.atp_stats = stats
-        # The live (graph-connected) budget terms, for custom objectives and tests.
-        output.atp_losses = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
-                             "n_bar_batch": losses["n_bar_batch"]}
-        return output
+        return stats
 
     @staticmethod
     def _dtype(model: nn.Module) -> torch.dtype:
         return model.lm_head.weight.dtype if hasattr(model, "lm_head") else torch.float32
 
-    # -- the ATP module, before decoder layer `layer` -------------------------------------------
+    # -- decoder layers from the first ATP layer on -------------------------------------------
 
-    def atp_step(self, layer: int, module, args, kwargs):
-        state: Optional[ATPState] = kwargs.get("atp_state")
-        if state is None:
+    def layer_pre_forward(self, layer: int, module, args, kwargs):
+        """Before decoder layer ``layer``: the ATP step if ``layer`` is an ATP layer; in a pruned
+        forward, the layer's hidden states and rotary inputs in the slots it runs on."""
+        state = kwargs.get("atp_state")
+        if not isinstance(state, ATPState):
             return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if layer in self.config.layers:
+            hidden = self.atp_step(layer, state, hidden)
+        if state.view is None:
+            return None
+        if state.position_embeddings is None:
+            # The language model hands every layer the same rotary inputs of the full sequence.
+            state.position_embeddings = tuple(gather_slots(t, state.view.orig) for t in kwargs["position_embeddings"])
+            pid = kwargs.get("position_ids")
+            state.position_ids = None if pid is None else gather_slots(pid, state.view.orig)
+        kwargs = {**kwargs, "position_embeddings": state.position_embeddings}
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = state.position_ids
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def atp_step(self, layer: int, state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
+        """The ATP module before decoder layer ``layer``: scores from the layer before, thresholds,
+        masks; returns the hidden states the layer runs on (gathered when tokens leave)."""
         lay = state.layout
         score_layer = ATPConfig.score_layer(layer)
         capture = state.captures.pop(score_layer, None)
@@ -318,36 +475,63 @@ class ATPController:
             if self.config.mode == "adaptive":
                 state.theta_r.append(state.img_bias.new_zeros(0))
                 state.theta_s.append(state.img_bias.new_zeros(0))
-            return None
+            return self._drop(state, hidden)
         q, k, lse, bias_used, scale, causal = capture
         prev = state.img_bias
         kept = torch.isfinite(prev)
-        s_self, s_cross = self._scores(lay, q, k, lse, bias_used, prev.detach(), scale, causal)
-        s_self_in = torch.where(kept, s_self, torch.zeros_like(s_self))  # pruned positions hold 0 (§3.4)
-        s_cross_in = torch.where(kept, s_cross, torch.zeros_like(s_cross))
-        s_red = atp_ops.redundant_score(s_self, s_cross, kept)
         cfg = self.config
+        cross_rows = lay.text_rows if cfg.mode != "fastv" else _last_rows(lay.text_rows)
+        s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
         if cfg.mode == "adaptive":
+            s_self_in = torch.where(kept, s_self, torch.zeros_like(s_self))  # pruned positions hold 0 (§3.4)
+            s_cross_in = torch.where(kept, s_cross, torch.zeros_like(s_cross))
+            s_red = atp_ops.redundant_score(s_self, s_cross, kept)
             theta_r, theta_s = self.atp.thresholds(layer, s_self_in, s_cross_in)
             s_spatial = self.atp.s_spatial.to(s_red.device)
             if state.hard:
                 new = atp_ops.atp_hard_mask(s_red, s_spatial, theta_r, theta_s, prev)
+                by_red = (s_red > theta_r[:, None]) & kept
+                by_spatial = (s_spatial > theta_s[:, None]) & kept
+                state.keep_codes.append(by_red.to(torch.uint8) * KEEP_REDUNDANT
+                                        + by_spatial.to(torch.uint8) * KEEP_SPATIAL)
             else:
                 new = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature, prev)
             state.theta_r.append(theta_r)
             state.theta_s.append(theta_s)
         else:
-            new = self._fixed_mask(s_red, kept, prev, cfg.fixed_keep[cfg.layers.index(layer)])
+            ranking = s_cross if cfg.mode == "fastv" else atp_ops.redundant_score(s_self, s_cross, kept)
+            new = self._fixed_mask(ranking, kept, prev, cfg.fixed_keep[cfg.layers.index(layer)])
+            if state.hard:
+                state.keep_codes.append(torch.isfinite(new).to(torch.uint8) * KEEP_REDUNDANT)
         state.img_bias = new
-        state.current_bias = lay.scatter_bias(new)
         state.kept.append(new.exp().sum(-1))
-        return None
+        state.current_bias = lay.scatter_bias(new)
+        return self._drop(state, hidden)
 
     @staticmethod
-    def _scores(lay: VisionLayout, q, k, lse, bias_used, prev_img_bias, scale, causal):
+    def _drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
+        """Pruned forward: the tokens whose bias is -inf leave; the rest are gathered into the new
+        view (``state.current_bias`` moves to its slots). Otherwise nothing moves."""
+        if not state.prune:
+            return hidden
+        view = state.view
+        bias = state.current_bias if view is None else gather_slots(state.current_bias, view.orig, float("-inf"))
+        keep = torch.isfinite(bias)
+        if view is not None and torch.equal(keep, view.valid):
+            state.current_bias = bias
+            return hidden
+        state.view = SeqView.keep(keep, view, state.layout.seq_len)
+        state.current_bias = gather_slots(bias, state.view.src, float("-inf"))
+        state.position_embeddings = state.position_ids = None
+        return gather_slots(hidden, state.view.src)
+
+    @staticmethod
+    def _scores(lay: VisionLayout, view: Optional[SeqView], q, k, lse, bias_used, prev_img_bias, cross_rows,
+                scale, causal):
         """S_self, S_cross (I, N) of every image from one score layer, one atp_scores call per
-        image slot (so per-sample row weights stay a (B, L) tensor)."""
-        b, l = lay.batch, lay.seq_len
+        image slot (so per-sample row weights stay a (B, Lc) tensor over the slots the layer ran
+        on). ``cross_rows`` (I, L): the rows of S_cross, in original positions."""
+        b, lc = q.shape[0], q.shape[2]
         n_img, n = lay.image_pos.shape
         s_self = prev_img_bias.new_zeros(n_img, n)
         s_cross = prev_img_bias.new_zeros(n_img, n)
@@ -355,26 +539,79 @@ class ATPController:
         for slot in range(lay.max_slots):
             idx = (lay.image_slot == slot).nonzero().squeeze(1)
             rows = lay.image_sample[idx]
-            w_self = lse.new_zeros(b, l, dtype=torch.float32)
-            w_self[rows[:, None].expand(-1, n), lay.image_pos[idx]] = w_img[idx]
-            w_cross = lse.new_zeros(b, l, dtype=torch.float32)
-            w_cross[rows] = lay.text_rows[idx].float()
-            ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, w_self, w_cross, causal=causal, scale=scale)
-            pos = lay.image_pos[idx]
-            s_self[idx] = ss[rows[:, None], pos].float()
-            s_cross[idx] = sc[rows[:, None], pos].float()
+            # the image's tokens in the slots (lc: gone, a spare column that is dropped)
+            pos = lay.image_pos[idx] if view is None else view.inv[rows[:, None], lay.image_pos[idx]]
+            w_self = lse.new_zeros(b, lc + 1, dtype=torch.float32)
+            w_self[rows[:, None].expand(-1, n), pos] = w_img[idx]
+            w_cross = lse.new_zeros(b, lc, dtype=torch.float32)
+            w_cross[rows] = (cross_rows[idx] if view is None else gather_slots(cross_rows[idx], view.orig[rows], False)).float()
+            ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, w_self[:, :lc].contiguous(), w_cross,
+                                        causal=causal, scale=scale)
+            s_self[idx] = torch.nn.functional.pad(ss, (0, 1))[rows[:, None], pos].float()
+            s_cross[idx] = torch.nn.functional.pad(sc, (0, 1))[rows[:, None], pos].float()
         return s_self, s_cross
 
     @staticmethod
     def _fixed_mask(s_red: torch.Tensor, kept: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
-        """Paper Table 2 baseline: keep the ``keep`` still-kept tokens with the highest redundant
-        score, -inf for the rest."""
+        """Paper Table 2 baseline (and FastV with S_cross as the ranking): keep the ``keep``
+        still-kept tokens with the highest score, -inf for the rest."""
         ranked = torch.where(kept, s_red, torch.full_like(s_red, float("-inf")))
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order))
         keep_mask = (rank < keep) & kept
         return torch.where(keep_mask, prev, torch.full_like(prev, float("-inf")))
+
+    # -- generate() ----------------------------------------------------------------------------
+
+    def generate(self, model: nn.Module, stock_generate, *args, **kwargs):
+        """``model.generate`` of an ATP model: the stock one, with the prompt length known to the
+        prefix forwards (generated tokens never steer pruning) and the call's efficiency report
+        left in ``model.atp_report``. Beam search and assisted decoding reorder or fork the
+        cache, which the pruned per-layer cache does not follow: refused."""
+        gen_config = kwargs.get("generation_config") or model.generation_config
+        for name in ("num_beams", "num_beam_groups"):
+            value = kwargs.get(name, getattr(gen_config, name, 1))
+            if value is not None and value > 1:
+                raise NotImplementedError(f"ATP-LLaVA generate(): {name}={value} is not supported (greedy and "
+                                          "sampling are)")
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha"):
+            if kwargs.get(name, getattr(gen_config, name, None)) is not None:
+                raise NotImplementedError(f"ATP-LLaVA generate(): {name} is not supported (greedy and sampling are)")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("ATP-LLaVA generate() needs input_ids")
+        self._prompt_len = int(input_ids.shape[1])
+        self._call_report = None
+        try:
+            out = stock_generate(*args, **kwargs)
+        finally:
+            self._prompt_len = None
+        report, self._call_report = self._call_report, None
+        if report is not None:
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            _, _, kv_heads, head_dim = self.dims
+            per_token = 2 * kv_heads * head_dim * (torch.finfo(self._dtype(model)).bits // 8)
+            object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
+                                                                           per_token))
+        return out
+
+
+def _last_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(I, L) bool -> the same with only the last True of each row kept (FastV's one query row)."""
+    last = torch.where(rows, torch.arange(rows.shape[1], device=rows.device), -1).amax(1)
+    out = torch.zeros_like(rows)
+    has = last >= 0
+    out[has.nonzero().squeeze(1), last[has]] = True
+    return out
+
+
+def _output_cache(output) -> Optional[Any]:
+    from transformers.cache_utils import DynamicCache
+
+    if isinstance(output, tuple):
+        return next((o for o in output if isinstance(o, DynamicCache)), None)
+    return getattr(output, "cache", None)
 
 
 def get_atp_controller(model: nn.Module) -> ATPController:
@@ -444,8 +681,9 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     ctrl.handles.append(model.register_forward_pre_hook(ctrl.model_pre_forward, with_kwargs=True))
     ctrl.handles.append(model.register_forward_hook(ctrl.model_post_forward, with_kwargs=True))
     ctrl.handles.append(lm.register_forward_pre_hook(ctrl.language_model_pre_forward, with_kwargs=True))
-    for layer in config.layers:
-        ctrl.handles.append(lm.layers[layer].register_forward_pre_hook(partial(ctrl.atp_step, layer),
+    ctrl.handles.append(lm.register_forward_hook(ctrl.language_model_post_forward, with_kwargs=True))
+    for layer in range(config.layers[0], num_layers):
+        ctrl.handles.append(lm.layers[layer].register_forward_pre_hook(partial(ctrl.layer_pre_forward, layer),
                                                                        with_kwargs=True))
     if config.rope_2d:
         rotary = getattr(lm, "rotary_emb", None)
@@ -457,4 +695,5 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
                              f"{rotary.inv_freq.shape[0]}")
         ctrl.handles.append(rotary.register_forward_hook(ctrl.rotary_post_forward, with_kwargs=True))
     object.__setattr__(model, "_atp_controller", ctrl)
+    object.__setattr__(model, "generate", partial(ctrl.generate, model, model.generate))
     return model

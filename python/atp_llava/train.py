@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .config import ATPConfig
+from .config import MODES, ATPConfig
 from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .patch import apply_atp
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strides", default=None, help="spatial strides, comma-separated (default: all valid)")
     p.add_argument("--mlp-width", type=int, default=256)
     p.add_argument("--init-threshold", type=float, default=0.1)
-    p.add_argument("--mode", default="adaptive", choices=("adaptive", "fixed"))
+    p.add_argument("--mode", default="adaptive", choices=MODES)
     p.add_argument("--fixed-keep", default=None, help="mode fixed: tokens kept after each ATP layer")
     p.add_argument("--train-lm", action="store_true", help="train the LM too (default: frozen, ATP only)")
     p.add_argument("--lr-atp", type=float, default=1e-4)
@@ -153,6 +153,8 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
     dtype = getattr(torch, args.dtype)
     model, tokenizer = _load_model(args, dtype)
     config = config_from_args(args)
+    if config.mode != "adaptive" and not config.train_lm:
+        raise ValueError(f"--mode {config.mode} has no ATP parameters to train; add --train-lm")
     apply_atp(model, config)
     model.to(device)
     if args.grad_ckpt:

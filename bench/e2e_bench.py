@@ -1,0 +1,266 @@
+"""End-to-end benchmark of ATP-LLaVA inference: unpruned vs ATP vs FastV at matched tokens.
+
+For one model shape and batch size, in one process on the same prompts, it measures for
+
+  unpruned   the stock LLaVA (SDPA attention), every vision token in every layer
+  atp        ATP-LLaVA with real pruning at the ATP layers; its thresholds (theta_r = theta_s =
+             t, theta_override) are set by bisection so that the average vision tokens per layer
+             (N_bar, the paper's "Token" column) reach --target (random weights have no
+             trained thresholds; the pruning machinery, scores, masks and gathers run as in a
+             trained model)
+  fastv      FastV pruning before decoder layer --fastv-layer by the last token's attention,
+             keeping as many tokens as gives ATP's measured N_bar (ATPConfig.matched_fastv_keep)
+
+  prefill_ms    one forward over the prompts that fills the KV cache (median of --reps)
+  decode_tok_s  greedy decoding of --new-tokens tokens against that cache, tokens per second
+                over the batch (median of --reps)
+  peak_mib      memory of prefill + decode beyond the model and inputs (CUDA: allocator peak;
+                CPU: peak RSS, as kernel_bench.py measures it)
+  kv_mib        bytes the KV cache tensors really hold after the prefill (padded ragged batch),
+                and kv_logical_mib the entries of real tokens (the report's KV bytes)
+  ratios        atp / unpruned and atp / fastv of prefill time, and of KV bytes
+
+Presets:
+  tiny      the tiny random LLaVA of the tests, bigger decoder (8 layers, d 256), CPU-sized
+  llava7b   LLaVA-1.5-7B-shaped random weights: 32 layers, d 4096, m 11008, 32 heads, vocab
+            32064, 576 image tokens per image; a one-layer CLIP vision tower with the real
+            24 x 24 patch grid (the vision tower costs the same in every variant and is not
+            what is measured); bf16 on CUDA
+  --num-layers overrides the decoder depth (a CPU smoke run of the 7B shapes).
+
+Usage:
+    python bench/e2e_bench.py --preset tiny                           # CPU, JSON to bench/results/
+    python bench/e2e_bench.py --preset llava7b --batch 1 8            # GPU, the issue's targets
+    python bench/e2e_bench.py --preset llava7b --num-layers 2 --batch 1 --reps 1 --no-json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from kernel_bench import HOST_ALLOCATOR, device_name, peak_extra_mib  # noqa: E402
+
+import atp_ops  # noqa: E402
+from atp_llava import ATPConfig, apply_atp  # noqa: E402
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(hidden=256, ffn=688, layers=8, heads=8, kv_heads=8, vocab=128, atp_layers=(2, 4, 6),
+                 fastv_layer=2, text=(35, 64), image=48, patch=2, dtype="float32"),
+    "llava7b": dict(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32064, atp_layers=(4, 14, 24),
+                    fastv_layer=2, text=(35, 64), image=336, patch=14, dtype="bfloat16"),
+}
+
+
+def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, dtype: torch.dtype):
+    """A random LlavaForConditionalGeneration of the preset's shape (SDPA attention)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=preset["image"], patch_size=preset["patch"], hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, projection_dim=64)
+    text = LlamaConfig(hidden_size=preset["hidden"], intermediate_size=preset["ffn"], num_hidden_layers=num_layers,
+                       num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
+                       vocab_size=preset["vocab"], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=preset["vocab"] - 1,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def prompts(model, batch: int, text: tuple, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """``batch`` prompts: text[0] system tokens, one image, text[1] instruction tokens."""
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, cfg.text_config.vocab_size - 1, (batch, text[0] + side * side + text[1]), generator=g)
+    ids[:, text[0]:text[0] + side * side] = cfg.image_token_id
+    param = next(model.parameters())
+    pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model, inputs):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def decode(model, inputs, out, new_tokens: int):
+    """Greedy decoding of ``new_tokens`` tokens against the cache of ``out``."""
+    cache = out.cache
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return nxt
+
+
+def timed(fn, device: torch.device, reps: int, setup=None) -> List[float]:
+    """Milliseconds of ``fn(setup())`` per rep; ``setup`` (untimed) makes its argument."""
+    times = []
+    for _ in range(reps):
+        arg = setup() if setup is not None else None
+        sync(device)
+        t0 = time.perf_counter()
+        fn(arg)
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def measure(name: str, model, inputs, args, device) -> Dict[str, Any]:
+    with torch.no_grad():
+        out = prefill(model, inputs)  # warm-up
+        decode(model, inputs, out, min(2, args.new_tokens))
+        del out
+        gc.collect()
+        with HOST_ALLOCATOR.returning_to_os():
+            peak = peak_extra_mib(lambda: decode(model, inputs, prefill(model, inputs), args.new_tokens), device)
+        pre = timed(lambda _: prefill(model, inputs), device, args.reps)
+        out = prefill(model, inputs)
+        kv = cache_bytes(out.cache)
+        report = getattr(model, "atp_report", None)
+        del out
+        dec = timed(lambda out: decode(model, inputs, out, args.new_tokens), device, args.reps,
+                    setup=lambda: prefill(model, inputs))
+    pre_ms, dec_ms = statistics.median(pre), statistics.median(dec)
+    batch = inputs["input_ids"].shape[0]
+    row = {"impl": name, "batch": batch, "prefill_ms": pre_ms, "prefill_ms_all": pre, "decode_ms": dec_ms,
+           "decode_ms_all": dec, "decode_tok_s": batch * args.new_tokens / (dec_ms / 1e3),
+           "peak_mib": peak, "kv_mib": kv / 2**20}
+    if report is not None:
+        row["n_bar"] = report.n_bar.mean().item()
+        row["kv_logical_mib"] = report.kv_cache_bytes.sum().item() / 2**20
+        row["flops_reduction"] = report.flops_reduction.mean().item()
+    else:
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        row["n_bar"] = float(side * side)
+        row["kv_logical_mib"] = kv / 2**20
+        row["flops_reduction"] = 0.0
+    return row
+
+
+def calibrate(model, inputs, target: float, iters: int) -> float:
+    """theta (theta_r = theta_s) at which ATP's average N_bar over the batch is closest to target."""
+    lo, hi, best = -0.5, 1.5, None
+    with torch.no_grad():
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            model.atp.config.theta_override = (mid, mid)
+            model(**inputs, logits_to_keep=1)
+            n_bar = model.atp_report.n_bar.mean().item()
+            if best is None or abs(n_bar - target) < abs(best[1] - target):
+                best = (mid, n_bar)
+            lo, hi = (mid, hi) if n_bar > target else (lo, mid)
+    model.atp.config.theta_override = (best[0], best[0])
+    return best[0]
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--num-layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--target", type=float, default=144.0, help="ATP's average vision tokens per layer (N_bar)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e_<preset>_<device>_<date>.json)")
+    p.add_argument("--no-json", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
+    num_layers = args.num_layers or preset["layers"]
+    atp_layers = tuple(l for l in preset["atp_layers"] if l < num_layers) or (1,)
+    fastv_layer = min(preset["fastv_layer"], num_layers - 1)
+    HOST_ALLOCATOR.steady()
+
+    stock = build_model(preset, num_layers, device, dtype)
+    head = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "atp_ops": atp_ops.__version__, "atp_cuda_kernels": atp_ops.has_cuda_kernels("attention_fwd"),
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv, "preset": args.preset, "num_layers": num_layers, "dtype": str(dtype),
+            "atp_layers": atp_layers, "fastv_layer": fastv_layer, "target": args.target,
+            "new_tokens": args.new_tokens, "reps": args.reps}
+    print(f"device {head['device']}; torch {head['torch']}, CUDA {head['cuda']}, atp_ops {head['atp_ops']} "
+          f"(CUDA kernels: {head['atp_cuda_kernels']}); {head['date_utc']}")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"preset {args.preset}: {num_layers} layers, d {preset['hidden']}, m {preset['ffn']}, {dtype}; "
+          f"ATP layers {atp_layers}, FastV before layer {fastv_layer}, target N_bar {args.target}")
+    rows: List[Dict[str, Any]] = []
+    for batch in args.batch:
+        inputs = prompts(stock, batch, preset["text"])
+        atp = apply_atp(copy.deepcopy(stock), ATPConfig(layers=atp_layers, theta_override=(0.5, 0.5))).eval()
+        theta = calibrate(atp, inputs, args.target, iters=12)
+        found = measure("atp", atp, inputs, args, device)
+        n_grid = atp.atp.n_grid
+        keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, n_grid)
+        fastv = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(fastv_layer,), mode="fastv",
+                                                          fixed_keep=(keep,))).eval()
+        group = [measure("unpruned", stock, inputs, args, device), found, measure("fastv", fastv, inputs, args, device)]
+        found["theta"] = theta
+        group[2]["fastv_keep"] = keep
+        base = {r["impl"]: r for r in group}
+        for r in group:
+            r["prefill_vs_unpruned"] = r["prefill_ms"] / base["unpruned"]["prefill_ms"]
+            r["prefill_vs_fastv"] = r["prefill_ms"] / base["fastv"]["prefill_ms"]
+            r["decode_vs_unpruned"] = r["decode_tok_s"] / base["unpruned"]["decode_tok_s"]
+            r["kv_vs_unpruned"] = r["kv_logical_mib"] / base["unpruned"]["kv_logical_mib"]
+        rows += group
+        del atp, fastv
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'impl':>9} {'B':>3} {'N_bar':>7} {'prefill ms':>11} {'x unpr':>7} {'x fastv':>8} {'decode tok/s':>13} "
+          f"{'x unpr':>7} {'KV MiB':>9} {'KV real':>9} {'x unpr':>7} {'peak MiB':>9}")
+    for r in rows:
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        print(f"{r['impl']:>9} {r['batch']:>3} {r['n_bar']:>7.1f} {r['prefill_ms']:>11.2f} "
+              f"{r['prefill_vs_unpruned']:>7.3f} {r['prefill_vs_fastv']:>8.3f} {r['decode_tok_s']:>13.1f} "
+              f"{r['decode_vs_unpruned']:>7.3f} {r['kv_mib']:>9.2f} {r['kv_logical_mib']:>9.2f} "
+              f"{r['kv_vs_unpruned']:>7.3f} {peak:>9}")
+    if not args.no_json:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"e2e_{args.preset}_{device.type}_{head['date_utc'].replace(':', '')[:17]}Z.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"header": head, "results": rows}, f, indent=1)
+        print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

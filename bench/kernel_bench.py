@@ -31,8 +31,12 @@ header) so that the full default run takes a few minutes on 2 cores; --batch/--h
 Measurement:
   * time: CUDA: triton.testing.do_bench, median (torch.utils.benchmark if triton is missing);
     CPU: torch.utils.benchmark.Timer.adaptive_autorange, median. Warm-up calls come first.
+  * modes: fwd; fwdbwd; decode (the last query row alone against all L keys, Lq = 1, as in
+    generation against a cache); scores (atp_scores after a forward: s_self, and s_cross over
+    the 64 text rows; its peer "eager" materialises the attention map in the input dtype and
+    reduces its columns, as FastV-style code does; the table also gives scores / fwd of atp).
   * FLOPs as FlashAttention counts them: fwd = 4 B Hq Lq Lk D, halved for causal;
-    fwd+bwd = 3.5 x fwd. Reported as TFLOP/s (GFLOP/s in the CPU table; JSON is always tflops).
+    fwd+bwd = 3.5 x fwd; decode 4 B Hq L D; scores 4 B Hq L D (text rows + 1). Reported as TFLOP/s (GFLOP/s in the CPU table; JSON is always tflops).
   * peak memory of one call beyond the inputs: CUDA: max_memory_allocated minus what was
     allocated before the call; CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus
     the RSS before the call. For the CPU figure to mean anything, freed buffers must go back to
@@ -67,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import atp_ops
-from atp_ops.reference import attention_ref
+from atp_ops.reference import attention_ref, scores_ref
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -83,7 +87,7 @@ QUICK = {"cpu": {"batch": 1, "heads": 4, "seqlens": [256]},
 HEAD_DIM = 128
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "fwdbwd", "decode", "scores")
 BWD_FLOP_FACTOR = 3.5  # fwd 1x + bwd 2.5x, as FlashAttention counts
 
 # Timing budgets in seconds (CPU: adaptive_autorange min/max run time) or ms (CUDA: do_bench).
@@ -121,7 +125,12 @@ class Shape:
         return self.heads != self.kv_heads
 
     def flops(self, mode: str) -> float:
-        fwd = 4 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim / 2  # causal
+        bhd = self.batch * self.heads * self.head_dim
+        if mode == "decode":  # one query row against every key
+            return 4 * bhd * self.seqlen
+        if mode == "scores":  # s_cross: the text rows' logits and weighted sum; s_self: one row
+            return 4 * bhd * self.seqlen * (text_rows(self.seqlen).stop - text_rows(self.seqlen).start + 1)
+        fwd = 4 * bhd * self.seqlen * self.seqlen / 2  # causal
         return fwd * (BWD_FLOP_FACTOR if mode == "fwdbwd" else 1.0)
 
     def label(self) -> str:
@@ -155,6 +164,21 @@ def image_span(seqlen: int) -> slice:
     if seqlen > SYSTEM_TOKENS + TEXT_TOKENS:
         return slice(SYSTEM_TOKENS, seqlen - TEXT_TOKENS)
     return slice(seqlen // 4, seqlen - seqlen // 4)
+
+
+def text_rows(seqlen: int) -> slice:
+    """The instruction rows after the image: the rows of S_cross (Eq. 4)."""
+    return slice(image_span(seqlen).stop, seqlen)
+
+
+def score_weights(key_bias: torch.Tensor):
+    """(w_self, w_cross) of the LLaVA layout: image rows weighted by their soft mask, text rows 1."""
+    span, text = image_span(key_bias.shape[1]), text_rows(key_bias.shape[1])
+    w_self = torch.zeros_like(key_bias, dtype=torch.float32)
+    w_self[:, span] = key_bias[:, span].float().exp()
+    w_cross = torch.zeros_like(w_self)
+    w_cross[:, text] = 1.0
+    return w_self, w_cross
 
 
 def make_key_bias(batch: int, seqlen: int, dtype: torch.dtype, device, gen) -> torch.Tensor:
@@ -193,15 +217,56 @@ def _require_cuda(device: torch.device) -> None:
         raise Unavailable("CUDA only")
 
 
+def _attention_modes(mode: str) -> None:
+    if mode == "scores":
+        raise Unavailable("computes attention, not the ATP scores")
+
+
+def _lse_once(q, k, v, key_bias, memo: dict) -> torch.Tensor:
+    """The forward's lse for the scores step, computed on the first (warm-up) call only."""
+    if memo.get("q") is not q:
+        with torch.no_grad():
+            memo["q"], memo["lse"] = q, atp_ops.atp_attention(q, k, v, key_bias, causal=True, return_lse=True)[1]
+            memo["w"] = score_weights(key_bias)
+    return memo["lse"]
+
+
 def build_atp(shape: Shape, device: torch.device, mode: str) -> Attention:
     if device.type == "cuda":
-        needed = ["attention_fwd"] + (["attention_bwd"] if mode == "fwdbwd" else [])
+        needed = {"fwd": ["attention_fwd"], "fwdbwd": ["attention_fwd", "attention_bwd"], "decode": ["attention_fwd"],
+                  "scores": ["attention_fwd", "scores"]}[mode]
         if not all(atp_ops.has_cuda_kernels(op) for op in needed):
             raise Unavailable("no CUDA kernel in this build")
+    if mode == "scores":
+        memo: dict = {}
+
+        def scores(q, k, v, key_bias):
+            lse = _lse_once(q, k, v, key_bias, memo)
+            return atp_ops.atp_scores(q, k, lse, key_bias, *memo["w"], causal=True)
+
+        return scores
     return lambda q, k, v, key_bias: atp_ops.atp_attention(q, k, v, key_bias, causal=True)
 
 
 def build_eager(shape: Shape, device: torch.device, mode: str) -> Attention:
+    if mode == "scores":
+        # What FastV-style code does: materialise the attention map (as output_attentions
+        # returns it, in the input dtype) and reduce its columns.
+        memo: dict = {}
+
+        def scores(q, k, v, key_bias):
+            if memo.get("q") is not q:
+                memo["q"], memo["w"] = q, score_weights(key_bias)
+            w_self, w_cross = memo["w"]
+            kr = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            logits = (q @ kr.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            causal = causal_bias(q.shape[2], q.device).to(q.dtype)
+            p = torch.softmax(logits + key_bias[:, None, None, :].to(q.dtype) + causal, dim=-1)
+            s_self = torch.einsum("bm,bhmn->bn", w_self.to(q.dtype), logits) / (w_self.sum(1, keepdim=True) * q.shape[1])
+            s_cross = torch.einsum("bm,bhmn->bn", w_cross.to(q.dtype), p) / (w_cross.sum(1, keepdim=True) * q.shape[1])
+            return s_self, s_cross
+
+        return scores
     return lambda q, k, v, key_bias: attention_ref(q, k, v, key_bias, causal=True)
 
 
@@ -212,7 +277,8 @@ def causal_bias(seqlen: int, device: torch.device) -> torch.Tensor:
 
 
 def build_sdpa_mask(shape: Shape, device: torch.device, mode: str) -> Attention:
-    causal = causal_bias(shape.seqlen, device)
+    _attention_modes(mode)
+    causal = causal_bias(shape.seqlen, device)[-1:] if mode == "decode" else causal_bias(shape.seqlen, device)
 
     def attention(q, k, v, key_bias):
         # What a user without atp_ops writes: one float mask per call, in q's dtype as SDPA needs.
@@ -224,6 +290,8 @@ def build_sdpa_mask(shape: Shape, device: torch.device, mode: str) -> Attention:
 
 def build_flex(shape: Shape, device: torch.device, mode: str) -> Attention:
     _require_cuda(device)
+    if mode not in ("fwd", "fwdbwd"):
+        raise Unavailable("benchmarked on fwd and fwdbwd only")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     # Each (shape, grad mode) is one more compiled entry of the same code: allow many shapes.
@@ -245,11 +313,13 @@ def build_flex(shape: Shape, device: torch.device, mode: str) -> Attention:
 
 def build_sdpa_flash_nobias(shape: Shape, device: torch.device, mode: str) -> Attention:
     _require_cuda(device)
+    _attention_modes(mode)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def attention(q, k, v, key_bias):  # key_bias ignored on purpose: the no-bias speed of light
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=shape.gqa)
+            # decode: the last query sees every key (SDPA's is_causal is top-left aligned)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=shape.gqa)
 
     return attention
 
@@ -265,11 +335,16 @@ CUDA_ONLY = ("flex", "sdpa_flash_nobias")
 
 
 def make_step(attention: Attention, inputs: Inputs, mode: str) -> Callable[[], object]:
-    """The measured call: forward under no_grad, or forward + backward to all four inputs."""
-    if mode == "fwd":
+    """The measured call: forward (decode: the last query row alone; scores: atp_scores or its
+    peer) under no_grad, or forward + backward to all four inputs."""
+    if mode != "fwdbwd":
+        q, k, v, key_bias = inputs.tensors()
+        if mode == "decode":
+            q = q[:, :, -1:].contiguous()
+
         def step():
             with torch.no_grad():
-                return attention(*inputs.tensors())
+                return attention(q, k, v, key_bias)
         return step
 
     leaves = [t.detach().requires_grad_() for t in inputs.tensors()]  # shares storage
@@ -521,6 +596,18 @@ def check_against_eager(shape: Shape, inputs: Inputs, device: torch.device,
         dest.append(out.detach())
         if "fwdbwd" in modes:
             dest.extend(torch.autograd.grad(out, leaves, sub.grad_out))
+    with torch.no_grad():
+        q, k, v, key_bias = sub.tensors()
+        if "decode" in modes:
+            names.append("decode")
+            got.append(atp_ops.atp_attention(q[:, :, -1:], k, v, key_bias, causal=True))
+            want.append(attention_ref(q[:, :, -1:], k, v, key_bias, causal=True))
+        if "scores" in modes:
+            lse = atp_ops.atp_attention(q, k, v, key_bias, causal=True, return_lse=True)[1]
+            w = score_weights(key_bias)
+            names += ["s_self", "s_cross"]
+            got.extend(atp_ops.atp_scores(q, k, lse, key_bias, *w, causal=True))
+            want.extend(scores_ref(q, k, lse, key_bias, *w, causal=True))
     tol = CHECK_TOL[shape.dtype]
     errors = {name: _rel_err(g, w) for name, g, w in zip(names, got, want)}
     report = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
@@ -555,7 +642,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=HEAD_DIM)
     p.add_argument("--seqlens", type=int, nargs="+", help="Lq = Lk values; default 675 2880")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 (CUDA), fp32 (CPU)")
-    p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="fwd,fwdbwd")
+    p.add_argument("--modes", type=_csv(MODES), default=list(MODES),
+                   help="fwd,fwdbwd,decode (Lq = 1 against Lk = L),scores (atp_scores after a forward)")
     p.add_argument("--impls", type=_csv(list(IMPLS)), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads; default torch.get_num_threads()")
     p.add_argument("--quick", action="store_true", help="one small shape, few reps (smoke test)")
@@ -675,6 +763,11 @@ def print_table(results: List[Result], device: torch.device) -> None:
         print(format_row(r, unit))
     print("\natp speedup = this impl's ms / atp's ms (> 1: atp is faster); peak MiB = memory of "
           "one call beyond its inputs")
+    atp = {(r.shape, r.mode): r.ms for r in results if r.impl == "atp" and r.ms}
+    for shape in dict.fromkeys(r.shape for r in results):
+        if (shape, "scores") in atp and (shape, "fwd") in atp:
+            print(f"{shape.label()}: atp_scores takes {atp[(shape, 'scores')] / atp[(shape, 'fwd')]:.1%} "
+                  "of one atp_attention forward")
 
 
 def write_json(path: Path, h: dict, args: argparse.Namespace, results: List[Result]) -> None:

@@ -11,8 +11,6 @@ from .losses import atp_losses, tokens_per_layer
 from .modules import ATPModules, ThresholdMLP
 from .patch import (ATTN_IMPLEMENTATION, KEEP_REDUNDANT, KEEP_SPATIAL, SUPPORTED_TRANSFORMERS, apply_atp,
                     check_transformers_version, get_atp_controller)
-from .report import ATPReport
-from .visualize import render_pruning, visualize_pruning, write_png
 from .rope2d import positions_3d, rope_2d_cos_sin
 from .spatial import default_strides, spatial_score
 
@@ -45,3 +43,16 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "SUPPORTED_TRANSFORMERS",
 ]
+
+# report.py and visualize.py are also scripts (python -m atp_llava.report / .visualize); importing
+# them with the package would make runpy warn, so their names load on first use.
+_LAZY = {"ATPReport": "report", "visualize_pruning": "visualize", "render_pruning": "visualize",
+         "write_png": "visualize"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,13 +10,18 @@ from typing import Dict
 
 import torch
 
-__all__ = ["layer_flops", "run_cost"]
+__all__ = ["layer_flops", "run_cost", "kv_bytes_per_token"]
 
 
 def layer_flops(length: torch.Tensor, hidden: int, ffn: int) -> torch.Tensor:
     """Eq. 15: ``4 L d^2 + 2 L^2 d + 2 L d m`` of one decoder layer seeing ``length`` tokens."""
     length = length.double()
     return 4 * length * hidden ** 2 + 2 * length ** 2 * hidden + 2 * length * hidden * ffn
+
+
+def kv_bytes_per_token(kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
+    """KV-cache bytes one token takes in one decoder layer: K and V, ``Hkv * D`` elements each."""
+    return 2 * kv_heads * head_dim * bytes_per_element
 
 
 def run_cost(vision_per_layer: torch.Tensor, text_tokens: torch.Tensor, vision_tokens: torch.Tensor,
@@ -32,14 +37,15 @@ def run_cost(vision_per_layer: torch.Tensor, text_tokens: torch.Tensor, vision_t
     """
     seen = text_tokens.double()[:, None] + vision_per_layer.double()
     full = (text_tokens + vision_tokens).double()[:, None].expand_as(seen)
-    kv = 2 * kv_heads * head_dim * bytes_per_element
+    kv = kv_bytes_per_token(kv_heads, head_dim, bytes_per_element)
     flops = layer_flops(seen, hidden, ffn)
+    kv_per_layer = seen * kv
     return {
         "tokens_seen": seen,
         "flops_per_layer": flops,
         "flops": flops.sum(1),
         "flops_full": layer_flops(full, hidden, ffn).sum(1),
-        "kv_cache_bytes_per_layer": seen * kv,
-        "kv_cache_bytes": (seen * kv).sum(1),
+        "kv_cache_bytes_per_layer": kv_per_layer,
+        "kv_cache_bytes": kv_per_layer.sum(1),
         "kv_cache_bytes_full": (full * kv).sum(1),
     }

@@ -10,9 +10,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["VisionLayout", "SeqView", "gather_slots", "IGNORE_INDEX"]
+__all__ = ["VisionLayout", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+
+
+def padding_bias(valid: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """key_bias of a padding mask: 0 where ``valid`` (bool, any shape), -inf elsewhere."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
 @dataclass
@@ -72,7 +77,7 @@ class VisionLayout:
                 raise ValueError(f"VisionLayout: attention_mask must be (B, L) = {tuple(input_ids.shape)}, "
                                  f"got {tuple(attention_mask.shape)}")
             valid = attention_mask.to(device=device).bool()
-        pad_bias = torch.zeros(b, l, dtype=torch.float32, device=device).masked_fill(~valid, float("-inf"))
+        pad_bias = padding_bias(valid)
 
         is_img = (input_ids == image_token_id) & valid
         counts = is_img.sum(1)

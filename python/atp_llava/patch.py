@@ -37,7 +37,7 @@ import inspect
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -45,12 +45,14 @@ from torch import nn
 import atp_ops
 
 from .config import ATPConfig
-from .efficiency import run_cost
-from .layout import SeqView, VisionLayout, gather_slots
+from .efficiency import kv_bytes_per_token, run_cost
+from .layout import SeqView, VisionLayout, gather_slots, padding_bias
 from .losses import atp_losses
 from .modules import ATPModules
-from .report import ATPReport
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
+
+if TYPE_CHECKING:  # report.py is also a script (python -m atp_llava.report): not imported at start-up
+    from .report import ATPReport
 
 __all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "KEEP_REDUNDANT", "KEEP_SPATIAL", "ATPState", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
@@ -136,14 +138,10 @@ class CacheState:
 
     bias: decoder layer (from the first ATP layer on) -> (B, L_j) key_bias of that layer's cache
         entries (-inf on empty slots of the ragged batch); grows with every decoding step.
-    stats: the prefill's atp_stats (the efficiency report of a generate() call starts there).
-    appended: tokens appended to every layer's cache since the prefill.
     """
 
     bias: Dict[int, torch.Tensor]
     batch: int
-    stats: Dict[str, Any]
-    appended: int = 0
 
     def extend(self, layer_idx: int, lq: int, lk: int, attention_mask: Optional[torch.Tensor],
                device: torch.device) -> torch.Tensor:
@@ -156,8 +154,7 @@ class CacheState:
         if attention_mask is None:
             new = torch.zeros(old.shape[0], lq, dtype=old.dtype, device=device)
         else:
-            valid = attention_mask[:, -lq:].to(device=device, dtype=torch.bool)
-            new = torch.zeros(valid.shape, dtype=old.dtype, device=device).masked_fill(~valid, float("-inf"))
+            new = padding_bias(attention_mask[:, -lq:].to(device=device, dtype=torch.bool), old.dtype)
         bias = self.bias[layer_idx] = torch.cat([old, new], dim=1)
         return bias
 
@@ -211,9 +208,7 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     elif attention_mask is None:
         key_bias = None
     elif attention_mask.dim() == 2:
-        valid = attention_mask[:, -lk:].to(device=query.device, dtype=torch.bool)
-        key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=query.device).masked_fill(
-            ~valid, float("-inf"))
+        key_bias = padding_bias(attention_mask[:, -lk:].to(device=query.device, dtype=torch.bool))
     else:
         raise ValueError("atp attention: expected a 2D padding mask (B, Lk) or None, got a mask of shape "
                          f"{tuple(attention_mask.shape)}; 4D masks cannot be turned into a per-key bias")
@@ -359,19 +354,18 @@ class ATPController:
 
     def model_post_forward(self, module, args, kwargs, output):
         state, self._active, self._pending, self._lm_state = self._active, None, None, None
-        if isinstance(state, DecodeState):
-            state.cache.appended += int(kwargs.get("input_ids", args[0] if args else None).shape[1])
+        if not isinstance(state, ATPState):  # no ATP forward, or a decoding step
             return output
-        if state is None:
-            return output
-        stats = self._stats(module, state)
+        stats, budget, live_losses = self._stats(module, state)
         if state.prune:
             cache = _output_cache(output)
             if cache is not None:
                 first = self.config.layers[0]
                 self._caches[cache] = CacheState(
                     bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
-                    batch=state.layout.batch, stats=stats)
+                    batch=state.layout.batch)
+        from .report import ATPReport
+
         report = ATPReport.from_stats(stats)
         object.__setattr__(module, "atp_report", report)
         if self._prompt_len is not None and self._call_report is None:
@@ -382,16 +376,15 @@ class ATPController:
         if loss is not None:
             stats["loss_ntp"] = loss.detach()
             if self.config.mode == "adaptive":
-                output.loss = loss + stats.pop("_budget")  # Eq. 14
-        stats.pop("_budget", None)
+                output.loss = loss + budget  # Eq. 14
         output.atp_stats = stats
         # The live (graph-connected) budget terms, for custom objectives and tests.
-        output.atp_losses = stats.pop("_losses")
+        output.atp_losses = live_losses
         return output
 
-    def _stats(self, module, state: ATPState) -> Dict[str, Any]:
-        """atp_stats of a full forward (see apply_atp), with the live budget terms under the
-        private keys ``_budget`` and ``_losses``."""
+    def _stats(self, module, state: ATPState) -> Tuple[Dict[str, Any], torch.Tensor, Dict[str, torch.Tensor]]:
+        """(atp_stats of a full forward (see apply_atp), the live budget term
+        lambda_ATP L_ATP + lambda_target L_target, the live loss terms)."""
         cfg = self.config
         lay = state.layout
         k = len(cfg.layers)
@@ -417,25 +410,26 @@ class ATPController:
             "image_sample": lay.image_sample,
             "hard": state.hard,
             "pruned": state.prune,
-            "_budget": extra,
-            "_losses": {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
-                        "n_bar_batch": losses["n_bar_batch"]},
         }
         if state.keep_codes:
             stats["keep_codes"] = state.keep_codes
         n_vis = lay.images_per_sample * lay.n_grid
         real = torch.isfinite(lay.pad_bias).sum(1)
         cost = run_cost(losses["per_layer"].detach() * lay.images_per_sample[:, None], real - n_vis, n_vis,
-                        *self.dims, bytes_per_element=torch.finfo(self._dtype(module)).bits // 8)
+                        *self.dims, bytes_per_element=self._element_bytes(module))
         stats.update(cost)
         if state.theta_r:
             stats["theta_r"] = lay.per_sample_mean(torch.stack(state.theta_r, 1)).detach()
             stats["theta_s"] = lay.per_sample_mean(torch.stack(state.theta_s, 1)).detach()
-        return stats
+        live = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
+                "n_bar_batch": losses["n_bar_batch"]}
+        return stats, extra, live
 
     @staticmethod
-    def _dtype(model: nn.Module) -> torch.dtype:
-        return model.lm_head.weight.dtype if hasattr(model, "lm_head") else torch.float32
+    def _element_bytes(model: nn.Module) -> int:
+        """Bytes of one KV-cache element: the model's dtype."""
+        dtype = model.lm_head.weight.dtype if hasattr(model, "lm_head") else torch.float32
+        return torch.finfo(dtype).bits // 8
 
     # -- decoder layers from the first ATP layer on -------------------------------------------
 
@@ -591,7 +585,7 @@ class ATPController:
         if report is not None:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             _, _, kv_heads, head_dim = self.dims
-            per_token = 2 * kv_heads * head_dim * (torch.finfo(self._dtype(model)).bits // 8)
+            per_token = kv_bytes_per_token(kv_heads, head_dim, self._element_bytes(model))
             object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
                                                                            per_token))
         return out

@@ -275,14 +275,6 @@ def _synthetic_picture(size: int, seed: int) -> torch.Tensor:
     return img
 
 
-def _synthetic_ids(n_grid: int, image_token_id: int, vocab: int, bos: Optional[int], seed: int) -> List[int]:
-    """[bos] + 4 words + the image's n_grid tokens + 12 words, words drawn from [3, 100)."""
-    g = torch.Generator().manual_seed(seed)
-    words = [w for w in range(3, min(100, vocab)) if w != image_token_id]
-    pick = lambda m: [words[i] for i in torch.randint(0, len(words), (m,), generator=g).tolist()]  # noqa: E731
-    return ([] if bos is None else [bos]) + pick(4) + [image_token_id] * n_grid + pick(12)
-
-
 def _prompt_ids(tokenizer, prompt: str, n_grid: int, image_token_id: int) -> List[int]:
     """``<bos> USER: <image>\\n{prompt} ASSISTANT:`` with the image as n_grid image tokens, as
     atp_llava.data.RecordsDataset encodes the prompt in training."""
@@ -323,15 +315,14 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         except (OSError, ValueError) as e:
             parser.error(f"--model {args.model}: --image/--prompt need the checkpoint's tokenizer, which could not "
                          f"be loaded ({e}); without both, a synthetic prompt and image are used")
-    from .cli import load_model
+    from .cli import load_model, synthetic_prompts
 
     model = load_model(args)
     n_grid, image_token_id = model.atp.n_grid, model.config.image_token_id
     if tokenizer is not None:
         ids = _prompt_ids(tokenizer, args.prompt or "Describe the image.", n_grid, image_token_id)
     else:
-        tc = model.config.text_config
-        ids = _synthetic_ids(n_grid, image_token_id, tc.vocab_size, tc.bos_token_id, args.seed)
+        ids = synthetic_prompts(model, 1, args.seed)["input_ids"][0].tolist()
     size = model.config.vision_config.image_size
     if picture is None:
         picture = _synthetic_picture(size, args.seed)

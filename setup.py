@@ -100,12 +100,17 @@ def _extension():
     groups = _sources()
     sources = groups["cpu"] + (groups["cuda"] if with_cuda else [])
     cxx = ["-O3", "-fvisibility=hidden"]
+    # at::parallel_for is inline OpenMP (torch's CPU builds use it): without -fopenmp every CPU
+    # kernel would run on one thread. The runtime is the libgomp torch already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += openmp
     define = [("ATP_OPS_WITH_CUDA", "1")] if with_cuda else []
     kwargs = dict(
         name="atp_ops._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         define_macros=define,
+        extra_link_args=openmp,
         py_limited_api=False,
     )
     if with_cuda:

@@ -9,6 +9,8 @@ has no CUDA counterpart (float64 gradcheck), skips with the reason.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
+import atp_ops
 from atp_ops import atp_attention, reference
 from conftest import (ATTENTION_DEVICES, LOW_PRECISION, assert_close_fa, bias_dtype, dtypes_for, head_dims_for,
                       leaf, make_bias, make_qkv, pick, skip_unless_supported, upstream)
@@ -144,6 +147,30 @@ def test_attention_tile_edges(device, lq, lk, causal):
     q, k, v = make_qkv(2, 4, 2, lq, lk, d, dtype, "blhd", device, gen)
     key_bias = make_bias("neg_inf", 2, lk, dtype, device, gen)
     check_against_reference(q, k, v, key_bias, causal, None, True, gen)
+
+
+# Decoding: a few query rows against a long cache whose first key tiles are empty slots of a
+# ragged batch (key_bias -inf for every row). The CPU kernel takes short query tiles (<= 8 rows)
+# without BLAS and skips key tiles masked for every row; 9 rows is the first BLAS tile.
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("lq", [1, 2, 8, 9])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_decode_against_ragged_cache(device, lq, causal):
+    gen = torch.Generator().manual_seed(lq)
+    dtype, d = pick(OP, device, torch.float64, 32)
+    lk = 700
+    q, k, v = make_qkv(3, 4, 2, lq, lk, d, dtype, "blhd", device, gen)
+    key_bias = make_bias("finite", 3, lk, dtype, device, gen)
+    empty = torch.tensor([600, 256, 0], device=device)  # sample 0: two whole empty tiles
+    key_bias = key_bias.masked_fill(torch.arange(lk, device=device)[None, :] < empty[:, None], NEG_INF)
+    check_against_reference(q, k, v, key_bias, causal, None, True, gen)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py adds -fopenmp on Linux only")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is inline OpenMP: an extension built without -fopenmp runs every CPU
+    kernel on one thread, silently. The built library must call the OpenMP runtime."""
+    assert b"GOMP_parallel" in Path(atp_ops._C.__file__).read_bytes()
 
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)

@@ -2,8 +2,9 @@
 //
 // FlashAttention-2's algorithm on the CPU: query tiles against key tiles, online softmax, and
 // nothing of size Lq x Lk ever allocated; each thread holds one tile of logits. The tile GEMMs go
-// to ATen's BLAS on strided views (so (B, L, H, D)-transposed inputs need no copy); the softmax
-// work between them runs in the vectorised row kernels of rows.cpp.
+// to ATen's BLAS on strided views (so (B, L, H, D)-transposed inputs need no copy), except for
+// short query tiles (decoding); the softmax work between them runs in the vectorised row kernels
+// of rows.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +25,10 @@ using cpu::kBlockQ;
 using cpu::TileBuffer;
 using cpu::visible_keys;
 
+// A query tile of at most kShortQ rows (decoding: Lq = 1 against the cache) takes its two
+// products from the row kernels instead: at that size a BLAS call costs more than its arithmetic.
+constexpr int64_t kShortQ = 8;
+
 template <typename scalar_t>
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const scalar_t* key_bias, int64_t bias_stride, at::Tensor& out,
@@ -32,32 +37,53 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), group = Hq / Hkv, offset = Lk - Lq;
   const int64_t n_qtiles = ceil_div(Lq, kBlockQ);
+  const bool direct = Lq <= kShortQ;  // rows of q, k, v have a contiguous last dim (as_compute)
   const auto opts = q.options();
-  scalar_t* lse_ptr = lse.data_ptr<scalar_t>();  // [B, Hq, Lq] contiguous
+  const scalar_t* q_data = q.data_ptr<scalar_t>();
+  const scalar_t* k_data = k.data_ptr<scalar_t>();
+  const scalar_t* v_data = v.data_ptr<scalar_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();  // [B, Hq, Lq, D] contiguous
+  scalar_t* lse_ptr = lse.data_ptr<scalar_t>();   // [B, Hq, Lq] contiguous
 
-  at::parallel_for(0, B * Hq * n_qtiles, 1, [&](int64_t begin, int64_t end) {
-    TileBuffer<scalar_t> s_buf(kBlockQ * kBlockK);
-    at::Tensor acc_buf = at::empty({kBlockQ, D}, opts);
+  cpu::parallel_tasks(B * Hq * n_qtiles, [&](int64_t begin, int64_t end) {
+    TileBuffer<scalar_t> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D);
+    scalar_t* s_ptr = s_buf.data.data();
+    scalar_t* acc_ptr = acc_buf.data.data();
     scalar_t m[kBlockQ], l[kBlockQ];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (Hq * n_qtiles), h = (task / n_qtiles) % Hq;
       const int64_t i0 = (task % n_qtiles) * kBlockQ, nq = std::min(kBlockQ, Lq - i0);
-      const at::Tensor qi = q[b][h].narrow(0, i0, nq);
-      const at::Tensor kbh = k[b][h / group], vbh = v[b][h / group];
+      const scalar_t* q_tile = q_data + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+      const scalar_t* k_bh = k_data + b * k.stride(0) + (h / group) * k.stride(1);
+      const scalar_t* v_bh = v_data + b * v.stride(0) + (h / group) * v.stride(1);
       const scalar_t* bias_b = key_bias ? key_bias + b * bias_stride : nullptr;
       // Keys past the last row's causal horizon are never loaded.
       const int64_t k_end = causal ? std::clamp<int64_t>(i0 + nq + offset, 0, Lk) : Lk;
+      // The BLAS path's views of the same memory.
+      at::Tensor qi, kbh, vbh, acc;
+      if (!direct) {
+        qi = q[b][h].narrow(0, i0, nq);
+        kbh = k[b][h / group];
+        vbh = v[b][h / group];
+        acc = acc_buf.view(nq, D, opts);
+      }
 
-      at::Tensor acc = acc_buf.narrow(0, 0, nq);
-      acc.zero_();
+      std::fill(acc_ptr, acc_ptr + nq * D, scalar_t(0));
       std::fill(m, m + nq, kNegInf);
       std::fill(l, l + nq, scalar_t(0));
-      scalar_t* acc_ptr = acc.data_ptr<scalar_t>();
       for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, k_end - j0);
-        at::Tensor s = s_buf.view(nq, nk, opts);
-        at::mm_out(s, qi, kbh.narrow(0, j0, nk).t());
-        scalar_t* s_ptr = s.data_ptr<scalar_t>();
+        // A tile of keys masked for every row (empty slots of a ragged batch) changes nothing.
+        if (bias_b && cpu::all_masked(bias_b + j0, nk)) continue;
+        if (direct) {
+          for (int64_t r = 0; r < nq; ++r) {
+            cpu::dot_keys(q_tile + r * q.stride(2), k_bh + j0 * k.stride(2), k.stride(2), nk, D,
+                          s_ptr + r * nk);
+          }
+        } else {
+          at::Tensor s = s_buf.view(nq, nk, opts);
+          at::mm_out(s, qi, kbh.narrow(0, j0, nk).t());
+        }
         for (int64_t r = 0; r < nq; ++r) {
           const scalar_t alpha = cpu::softmax_tile_row(
               s_ptr + r * nk, visible_keys(causal, i0 + r, offset, j0, nk), nk, scale,
@@ -66,15 +92,21 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
             for (int64_t d = 0; d < D; ++d) acc_ptr[r * D + d] *= alpha;
           }
         }
-        acc.addmm_(s, vbh.narrow(0, j0, nk));
+        if (direct) {
+          for (int64_t r = 0; r < nq; ++r) {
+            cpu::add_weighted_values(acc_ptr + r * D, s_ptr + r * nk, v_bh + j0 * v.stride(2),
+                                     v.stride(2), nk, D);
+          }
+        } else {
+          acc.addmm_(s_buf.view(nq, nk, opts), vbh.narrow(0, j0, nk));
+        }
       }
 
-      at::Tensor o = out[b][h];
-      scalar_t* o_ptr = o.data_ptr<scalar_t>();  // out is contiguous
+      scalar_t* o_ptr = out_data + ((b * Hq + h) * Lq + i0) * D;
       for (int64_t r = 0; r < nq; ++r) {
         // A row with no finite logit (l = 0) gives 0 and lse = -inf, never NaN.
         const scalar_t inv = l[r] > 0 ? scalar_t(1) / l[r] : scalar_t(0);
-        for (int64_t d = 0; d < D; ++d) o_ptr[(i0 + r) * D + d] = acc_ptr[r * D + d] * inv;
+        for (int64_t d = 0; d < D; ++d) o_ptr[r * D + d] = acc_ptr[r * D + d] * inv;
         lse_ptr[(b * Hq + h) * Lq + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : kNegInf;
       }
     }
@@ -96,7 +128,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const scalar_t* dlse, const at
   const auto opts = q.options();
   const scalar_t* lse_ptr = lse.data_ptr<scalar_t>();  // contiguous [B, Hq, Lq]
 
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(B * Hq, [&](int64_t begin, int64_t end) {
     TileBuffer<scalar_t> p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK);
     std::vector<scalar_t> delta(Lq);
     for (int64_t task = begin; task < end; ++task) {

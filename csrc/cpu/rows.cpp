@@ -142,6 +142,44 @@ ATP_INLINE void softmax_bwd_row_impl(const T* p, T* dp, int64_t n, T delta, T* d
   }
 }
 
+template <typename T>
+ATP_INLINE T dot(const T* a, const T* b, int64_t D) {
+  T part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int u = 0; u < kLanes; ++u) part[u] += a[d + u] * b[d + u];
+  }
+  T sum = 0;
+  for (; d < D; ++d) sum += a[d] * b[d];
+  for (int u = 0; u < kLanes; ++u) sum += part[u];
+  return sum;
+}
+
+template <typename T>
+ATP_INLINE void dot_keys_impl(const T* q, const T* k, int64_t stride, int64_t n, int64_t D, T* s) {
+  for (int64_t c = 0; c < n; ++c) s[c] = dot(q, k + c * stride, D);
+}
+
+template <typename T>
+ATP_INLINE void add_weighted_values_impl(T* acc, const T* p, const T* v, int64_t stride, int64_t n,
+                                         int64_t D) {
+  for (int64_t c = 0; c < n; ++c) {
+    const T w = p[c];
+    if (w == T(0)) continue;
+    const T* vc = v + c * stride;
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * vc[d];
+  }
+}
+
+template <typename T>
+ATP_INLINE bool all_masked_impl(const T* bias, int64_t n) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    if (bias[c] != kNegInf) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 ATP_CPU_CLONES float softmax_tile_row(float* row, int64_t n_valid, int64_t n, float scale,
@@ -167,5 +205,25 @@ ATP_CPU_CLONES void softmax_bwd_row(const float* p, float* dp, int64_t n, float 
 void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias) {
   softmax_bwd_row_impl(p, dp, n, delta, d_bias);
 }
+
+ATP_CPU_CLONES void dot_keys(const float* q, const float* k, int64_t stride, int64_t n, int64_t D,
+                             float* s) {
+  dot_keys_impl(q, k, stride, n, D, s);
+}
+void dot_keys(const double* q, const double* k, int64_t stride, int64_t n, int64_t D, double* s) {
+  dot_keys_impl(q, k, stride, n, D, s);
+}
+
+ATP_CPU_CLONES void add_weighted_values(float* acc, const float* p, const float* v, int64_t stride,
+                                        int64_t n, int64_t D) {
+  add_weighted_values_impl(acc, p, v, stride, n, D);
+}
+void add_weighted_values(double* acc, const double* p, const double* v, int64_t stride, int64_t n,
+                         int64_t D) {
+  add_weighted_values_impl(acc, p, v, stride, n, D);
+}
+
+bool all_masked(const float* bias, int64_t n) { return all_masked_impl(bias, n); }
+bool all_masked(const double* bias, int64_t n) { return all_masked_impl(bias, n); }
 
 }  // namespace atp::cpu

@@ -24,4 +24,19 @@ void prob_row(double* row, int64_t n_valid, int64_t n, double scale, const doubl
 void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias);
 void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias);
 
+// The two products of a short query tile (a few rows: decoding), for which a BLAS call costs more
+// than its arithmetic. Rows of k and v are `stride` elements apart, each D contiguous elements.
+// dot_keys: s[c] = q . k[c] for c < n.
+void dot_keys(const float* q, const float* k, int64_t stride, int64_t n, int64_t D, float* s);
+void dot_keys(const double* q, const double* k, int64_t stride, int64_t n, int64_t D, double* s);
+// add_weighted_values: acc[0, D) += sum_c p[c] v[c] over c < n, skipping p[c] == 0.
+void add_weighted_values(float* acc, const float* p, const float* v, int64_t stride, int64_t n,
+                         int64_t D);
+void add_weighted_values(double* acc, const double* p, const double* v, int64_t stride, int64_t n,
+                         int64_t D);
+
+// True if every bias[c], c < n, is -inf: the keys are masked for every row and can be skipped.
+bool all_masked(const float* bias, int64_t n);
+bool all_masked(const double* bias, int64_t n);
+
 }  // namespace atp::cpu

@@ -44,7 +44,7 @@ void cross_scores_kernel(const at::Tensor& q, const at::Tensor& k, const scalar_
     }
   }
   const int64_t n_ktiles = ceil_div(Lk, kBlockK);
-  at::parallel_for(0, B * n_ktiles, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(B * n_ktiles, [&](int64_t begin, int64_t end) {
     TileBuffer<scalar_t> q_buf(kBlockQ * D), s_buf(kBlockQ * kBlockK);
     std::vector<scalar_t> acc(kBlockK);
     for (int64_t task = begin; task < end; ++task) {

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"
+#include "cpu/tiles.h"
 #include "ops.h"
 #include "soft_mask_host.h"
 
@@ -18,7 +19,7 @@ void soft_mask_fwd_kernel(const SoftMaskParams& p) {
   const T* th_s = static_cast<const T*>(p.theta_s);
   T* out = static_cast<T*>(p.out);
   const T temp = static_cast<T>(p.temperature);
-  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(p.B, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t n = 0; n < p.N; ++n) {
         out[b * p.N + n] = soft_mask_bias(s_red[b * p.s_red_stride + n], s_sp[b * p.s_spatial_stride + n],
@@ -41,7 +42,7 @@ void soft_mask_bwd_kernel(const SoftMaskParams& p) {
   T* d_th_r = static_cast<T*>(p.d_theta_r);
   T* d_th_s = static_cast<T*>(p.d_theta_s);
   const T temp = static_cast<T>(p.temperature);
-  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(p.B, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T sum_r = 0, sum_s = 0;
       for (int64_t n = 0; n < p.N; ++n) {

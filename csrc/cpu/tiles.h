@@ -1,6 +1,8 @@
 // Tiling helpers shared by the CPU attention and score kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
@@ -9,6 +11,18 @@ namespace atp::cpu {
 
 constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile
+
+// at::parallel_for over `n` independent tasks, grain 1. OpenMP's worker threads do not inherit
+// the caller's thread-local state, the below-autograd dispatch guard included, so each chunk
+// runs under the caller's before it calls any ATen op.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard same_state(caller);
+    f(begin, end);
+  });
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -135,7 +135,7 @@ def test_attention_matches_reference(device, data):
             assert not torch.isnan(t).any()
 
 
-# Tile edges of the CPU kernel (64 query rows, 256 keys) and the awkward lengths, each hit
+# Tile edges of the CPU kernel (128 query rows, 256 keys) and the awkward lengths, each hit
 # explicitly rather than left to the draw.
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("lq,lk", [(1, 1), (1, 300), (17, 17), (63, 64), (64, 256), (65, 257),

@@ -27,6 +27,9 @@ Presets:
             24 x 24 patch grid (the vision tower costs the same in every variant and is not
             what is measured); bf16 on CUDA
   --num-layers overrides the decoder depth (a CPU smoke run of the 7B shapes).
+  --flash-decode decodes on flash-attn in every variant (needs flash-attn 2.6+ and a GPU): the
+  unpruned model with transformers' "flash_attention_2", ATP and FastV with
+  ATPConfig.flash_decode=True. By default every variant decodes without it.
 
 Usage:
     python bench/e2e_bench.py --preset tiny                           # CPU, JSON to bench/results/
@@ -194,6 +197,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--flash-decode", action="store_true", help="decode on flash-attn in every variant")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e_<preset>_<device>_<date>.json)")
     p.add_argument("--no-json", action="store_true")
     args = p.parse_args(argv)
@@ -208,13 +212,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     HOST_ALLOCATOR.steady()
 
     stock = build_model(preset, num_layers, device, dtype)
+    if args.flash_decode:
+        stock.set_attn_implementation("flash_attention_2")
     head = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "atp_ops": atp_ops.__version__, "atp_cuda_kernels": atp_ops.has_cuda_kernels("attention_fwd"),
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv, "preset": args.preset, "num_layers": num_layers, "dtype": str(dtype),
             "atp_layers": atp_layers, "fastv_layer": fastv_layer, "target": args.target,
-            "new_tokens": args.new_tokens, "reps": args.reps}
+            "new_tokens": args.new_tokens, "reps": args.reps, "flash_decode": args.flash_decode}
     print(f"device {head['device']}; torch {head['torch']}, CUDA {head['cuda']}, atp_ops {head['atp_ops']} "
           f"(CUDA kernels: {head['atp_cuda_kernels']}); {head['date_utc']}")
     print(f"command: {' '.join(sys.argv)}")
@@ -223,13 +229,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     for batch in args.batch:
         inputs = prompts(stock, batch, preset["text"])
-        atp = apply_atp(copy.deepcopy(stock), ATPConfig(layers=atp_layers, theta_override=(0.5, 0.5))).eval()
+        atp = apply_atp(copy.deepcopy(stock), ATPConfig(layers=atp_layers, theta_override=(0.5, 0.5),
+                                                        flash_decode=args.flash_decode)).eval()
         theta = calibrate(atp, inputs, args.target, iters=12)
         found = measure("atp", atp, inputs, args, device)
         n_grid = atp.atp.n_grid
         keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, n_grid)
-        fastv = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(fastv_layer,), mode="fastv",
-                                                          fixed_keep=(keep,))).eval()
+        fastv = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(fastv_layer,), mode="fastv", fixed_keep=(keep,),
+                                                          flash_decode=args.flash_decode)).eval()
         group = [measure("unpruned", stock, inputs, args, device), found, measure("fastv", fastv, inputs, args, device)]
         found["theta"] = theta
         group[2]["fastv_keep"] = keep

@@ -11,13 +11,14 @@ import copy
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from atp_llava import ATPConfig, apply_atp, get_atp_controller  # noqa: E402
+from atp_llava import ATPConfig, apply_atp, flash, get_atp_controller  # noqa: E402
 from atp_llava.efficiency import layer_flops  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
 
@@ -255,6 +256,104 @@ def test_decoding_refuses_what_it_cannot_follow(stock, prompts, mixed):
         static = StaticCache(config=model.config.text_config, max_cache_len=700)
         with pytest.raises(TypeError, match="DynamicCache"):
             model(**prompts, cache=static)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash-attn as the decode kernel (flash.py)
+
+
+def fake_flash_attn(calls):
+    """A stand-in ``flash_attn`` module: its ``flash_attn_with_kvcache`` computes in plain PyTorch
+    what flash-attn documents for a dense cache. q (B, Lq, Hq, D), caches (B, L, Hkv, D); row b
+    attends to the slots [cache_leftpad[b], cache_seqlens[b]), causal aligned to the last one.
+    It records each call's cache_leftpad."""
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                                return_softmax_lse=False):
+        assert k is None and v is None and block_table is None and cache_batch_idx is None
+        assert cache_leftpad.dtype == cache_seqlens.dtype == torch.int32
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        calls.append(cache_leftpad.clone())
+        b, lq, hq, _ = q.shape
+        out = torch.empty_like(q)
+        for i in range(b):
+            lo, hi = int(cache_leftpad[i]), int(cache_seqlens[i])
+            ki = k_cache[i, lo:hi].transpose(0, 1).repeat_interleave(hq // k_cache.shape[2], 0)
+            vi = v_cache[i, lo:hi].transpose(0, 1).repeat_interleave(hq // v_cache.shape[2], 0)
+            s = q[i].transpose(0, 1) @ ki.transpose(1, 2) * softmax_scale
+            if causal:
+                seen = torch.arange(hi - lo)[None, :] <= torch.arange(lq)[:, None] + (hi - lo - lq)
+                s = s.masked_fill(~seen, float("-inf"))
+            out[i] = (s.softmax(-1) @ vi).transpose(0, 1)
+        return out
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_with_kvcache = flash_attn_with_kvcache
+    return module
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(calls))
+    # the stand-in runs where the tests run: on the CPU in float64
+    monkeypatch.setattr(flash, "unusable", lambda device, dtype, head_dim: None)
+    return calls
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_flash_decode_equals_atp_attention_decode(stock, flash_stand_in, padding):
+    batch = prompts_with(padding)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    with torch.no_grad():
+        on = atp(stock, flash_decode=True).generate(**batch, **kw)
+        calls = list(flash_stand_in)
+        off = atp(stock, flash_decode=False).generate(**batch, **kw)
+    assert len(flash_stand_in) == len(calls)  # flash_decode=False never calls it
+    assert torch.equal(on.sequences, off.sequences)
+    for a, b in zip(on.logits, off.logits):
+        assert (a - b).abs().max() < 1e-10
+    # Every decoding step (none of the prefill) in every layer; with right padding the prompt's
+    # layer (before the first ATP layer) has valid slots that are not one run at the end: it
+    # stays on atp_attention, the pruned layers (padding dropped) run on flash-attn.
+    layers = 4 if padding == "left" else 3
+    assert len(calls) == (NEW - 1) * layers
+    starts = {tuple(c.tolist()) for c in calls[:layers]}
+    assert len(starts) == layers  # each layer's rows start where that layer's pruning left them
+
+
+def prompts_with(padding):
+    b = f64(make_batch([600, 590, 596], [padding] * 3, seed=1))
+    b.pop("labels")
+    return b
+
+
+def test_flash_decode_is_chosen_only_where_it_applies(stock, prompts, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(calls))
+    with torch.no_grad():
+        atp(stock).generate(**prompts, max_new_tokens=3)  # auto: the CPU float64 model keeps atp_attention
+        assert calls == []
+        with pytest.raises(RuntimeError, match="flash_decode=True, but flash-attn runs on CUDA"):
+            atp(stock, flash_decode=True).generate(**prompts, max_new_tokens=3)
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+        with pytest.raises(RuntimeError, match="flash-attn 2.6 or newer is not installed"):
+            atp(stock, flash_decode=True).generate(**prompts, max_new_tokens=3)
+    assert flash.unusable(torch.device("cuda"), torch.bfloat16, 128) is None
+    assert "float16/bfloat16" in flash.unusable(torch.device("cuda"), torch.float32, 128)
+    assert "head dims" in flash.unusable(torch.device("cuda"), torch.float16, 320)
+
+
+def test_flash_leftpad_accepts_only_one_run_of_valid_slots_at_the_end():
+    inf = float("-inf")
+    assert flash.leftpad(torch.tensor([[inf, inf, 0.0, 0.0], [0.0] * 4])).tolist() == [2, 0]
+    assert flash.leftpad(torch.tensor([[inf, 0.0, inf, 0.0]])) is None  # a hole
+    assert flash.leftpad(torch.tensor([[0.0, 0.0, inf, inf]])) is None  # right padding
+    assert flash.leftpad(torch.tensor([[inf, -0.5, 0.0, 0.0]])) is None  # a soft mask is not a pad
 
 
 # ----------------------------------------------------------------------------------------------

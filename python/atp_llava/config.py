@@ -55,6 +55,10 @@ class ATPConfig:
             sequence (and the KV cache) of all later layers: inference as the paper runs it.
             False keeps them in place with key_bias -inf (the training path with 0/1 masks;
             the same logits for the tokens that remain, but no speed-up and no generate()).
+        flash_decode: decoding steps against a pruned cache run on flash-attn's
+            ``flash_attn_with_kvcache`` (flash.py) instead of ``atp_attention``: None = when
+            flash-attn (2.6+) is installed and the model is on CUDA in float16/bfloat16; True =
+            always (an error where it cannot); False = never.
         theta_override: (theta_r, theta_s) used instead of the MLP's thresholds (ablations,
             tests). Values outside (0, 1) are allowed: (-5, -5) with T >= 10 keeps every token
             with a bias of exactly 0 in float32.
@@ -84,6 +88,7 @@ class ATPConfig:
     train_lm: bool = False
     hard_in_eval: bool = True
     prune_in_eval: bool = True
+    flash_decode: Optional[bool] = None
     theta_override: Optional[Tuple[float, float]] = None
     rope_2d: bool = False
     rope_2d_section: Optional[Tuple[int, int, int]] = None

@@ -37,13 +37,14 @@ import inspect
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 import atp_ops
 
+from . import flash
 from .config import ATPConfig
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias
@@ -138,10 +139,15 @@ class CacheState:
 
     bias: decoder layer (from the first ATP layer on) -> (B, L_j) key_bias of that layer's cache
         entries (-inf on empty slots of the ragged batch); grows with every decoding step.
+    flash: flash-attn's decode kernel when decoding runs on it (flash.py), else None; ``start``
+        then maps those layers to the (B,) int32 first valid slot of each row (None for a layer
+        whose valid slots are not one run at the end of the row: it keeps atp_attention).
     """
 
     bias: Dict[int, torch.Tensor]
     batch: int
+    flash: Optional[Callable] = None
+    start: Dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
 
     def extend(self, layer_idx: int, lq: int, lk: int, attention_mask: Optional[torch.Tensor],
                device: torch.device) -> torch.Tensor:
@@ -166,6 +172,13 @@ class DecodeState:
 
     cache: CacheState
     first_layer: int
+    prompt_start: Optional[torch.Tensor] = None  # flash decode: layers before first_layer
+
+    def flash_start(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """(B,) int32 first valid cache slot of each row if layer ``layer_idx`` decodes on flash-attn."""
+        if self.cache.flash is None:
+            return None
+        return self.cache.start.get(layer_idx) if layer_idx >= self.first_layer else self.prompt_start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +225,9 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     else:
         raise ValueError("atp attention: expected a 2D padding mask (B, Lk) or None, got a mask of shape "
                          f"{tuple(attention_mask.shape)}; 4D masks cannot be turned into a per-key bias")
+    start = state.flash_start(layer_idx) if isinstance(state, DecodeState) else None
+    if start is not None:
+        return flash.decode_attention(state.cache.flash, query, key, value, start, scaling, causal), None
     if key_bias is not None and query.dtype == torch.float64:
         key_bias = key_bias.double()
     out, lse = atp_ops.atp_attention(query, key, value, key_bias, causal=causal, scale=scaling,
@@ -290,7 +306,7 @@ class ATPController:
                              "is not supported")
         cache = bound.get("cache", bound.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            self._active = self._pending = self._decode_state(module, cache, input_ids)
+            self._active = self._pending = self._decode_state(module, cache, input_ids, bound.get("attention_mask"))
             return
         hard = (not module.training) and self.config.hard_in_eval
         prune = hard and self.config.prune_in_eval
@@ -306,7 +322,8 @@ class ATPController:
             img_bias=layout.pad_bias.new_zeros(layout.num_images, layout.n_grid),
             score_layers=self.score_layers)
 
-    def _decode_state(self, module, cache, input_ids: torch.Tensor) -> DecodeState:
+    def _decode_state(self, module, cache, input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor]) -> DecodeState:
         state = self._caches.get(cache)
         if state is None:
             raise NotImplementedError(
@@ -320,7 +337,16 @@ class ATPController:
                                f"{state.batch} (beam search and batch changes are not supported)")
         if bool((input_ids == self.image_token_id).any()):
             raise NotImplementedError("ATP-LLaVA decoding: image tokens after the prefill are not supported")
-        return DecodeState(cache=state, first_layer=self.config.layers[0])
+        decode = DecodeState(cache=state, first_layer=self.config.layers[0])
+        if state.flash is not None:
+            if attention_mask is None:
+                decode.prompt_start = torch.zeros(state.batch, dtype=torch.int32, device=input_ids.device)
+            else:
+                valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+                decode.prompt_start = flash.leftpad(padding_bias(valid))
+                if decode.prompt_start is None and not bool(valid[:, -input_ids.shape[1]:].all()):
+                    state.flash = None  # masked new tokens: the pruned layers' caches get holes
+        return decode
 
     def language_model_pre_forward(self, module, args, kwargs):
         state, self._pending = self._pending, None
@@ -361,9 +387,13 @@ class ATPController:
             cache = _output_cache(output)
             if cache is not None:
                 first = self.config.layers[0]
-                self._caches[cache] = CacheState(
-                    bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
-                    batch=state.layout.batch)
+                cached = CacheState(bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
+                                    batch=state.layout.batch, flash=self._flash_kernel(module))
+                if cached.flash is not None:
+                    starts: Dict[int, Optional[torch.Tensor]] = {}  # layers between ATP layers share a bias
+                    for j, bias in cached.bias.items():
+                        cached.start[j] = starts.setdefault(id(bias), flash.leftpad(bias))
+                self._caches[cache] = cached
         from .report import ATPReport
 
         report = ATPReport.from_stats(stats)
@@ -424,6 +454,21 @@ class ATPController:
         live = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
                 "n_bar_batch": losses["n_bar_batch"]}
         return stats, extra, live
+
+    def _flash_kernel(self, model: nn.Module) -> Optional[Callable]:
+        """flash-attn's decode kernel if this model's pruned decoding runs on it (config.flash_decode)."""
+        wanted = self.config.flash_decode
+        if wanted is False:
+            return None
+        fn = flash.kernel()
+        param = model.lm_head.weight if hasattr(model, "lm_head") else next(model.parameters())
+        why = ("flash-attn 2.6 or newer is not installed (pip install .[flash])" if fn is None
+               else flash.unusable(param.device, param.dtype, self.dims[3]))
+        if why is None:
+            return fn
+        if wanted:
+            raise RuntimeError(f"ATPConfig.flash_decode=True, but {why}")
+        return None
 
     @staticmethod
     def _element_bytes(model: nn.Module) -> int:

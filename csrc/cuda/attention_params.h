@@ -56,14 +56,14 @@ struct CrossScoresParams {
   const float* lse;       // [B, Hq, Lq] contiguous, from the forward
   const float* key_bias;  // [B, Lk] (row stride bias_batch_stride), or nullptr
   const float* w;         // [B, Lq] contiguous row weights w_cross
-  const int* rows;        // [B, max_rows] contiguous: each sample's rows with w > 0, ascending
+  const int* rows;        // [B, Lq] contiguous: each sample's rows with w > 0 first, ascending
   const int* n_rows;      // [B] how many entries of `rows` are valid per sample
   const float* w_sum;     // [B] sum of w over each sample's rows
   float* s_cross;         // [B, Lk] contiguous output
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t bias_batch_stride;
-  int B, Hq, Hkv, Lq, Lk, D, max_rows;
+  int B, Hq, Hkv, Lq, Lk, D;
   float scale;
   bool causal;
 };

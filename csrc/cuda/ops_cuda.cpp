@@ -239,16 +239,14 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
   const at::Tensor s_self =
       self_scores(q.to(at::kFloat), k.to(at::kFloat), w_self.to(at::kFloat), scale).to(at::kFloat);
 
-  // Eq. 4: each sample's rows with w_cross > 0, in ascending order, padded to the longest list
-  // (a stable descending sort of the 0/1 selection puts the selected indices first).
+  // Eq. 4: each sample's rows with w_cross > 0, in ascending order, first in its row of `rows`
+  // (a stable descending sort of the 0/1 selection), so no host sync sizes the list.
   at::Tensor s_cross = at::zeros({s.B, s.Lk}, q.options().dtype(at::kFloat));
   const at::Tensor wc = w_cross.to(at::kFloat).contiguous();
   const at::Tensor selected = (wc > 0).to(at::kInt);
   const at::Tensor n_rows = at::sum(selected, {1}, /*keepdim=*/false, at::kInt).contiguous();
-  const int64_t max_rows = s.B * s.Lq > 0 ? n_rows.max().item<int64_t>() : 0;
-  if (max_rows == 0 || s.Lk == 0) return {s_self, s_cross};
+  if (s.B * s.Lq == 0 || s.Lk == 0) return {s_self, s_cross};
   const at::Tensor rows = std::get<1>(at::sort(selected, /*stable=*/true, /*dim=*/1, /*descending=*/true))
-                              .narrow(1, 0, max_rows)
                               .to(at::kInt)
                               .contiguous();
   const at::Tensor w_sum = wc.sum(1).contiguous();
@@ -271,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
   p.k_batch_stride = kc.stride(0), p.k_head_stride = kc.stride(1), p.k_row_stride = kc.stride(2);
   p.bias_batch_stride = kb.defined() ? kb.stride(0) : 0;
   p.B = int(s.B), p.Hq = int(s.Hq), p.Hkv = int(s.Hkv), p.Lq = int(s.Lq), p.Lk = int(s.Lk);
-  p.D = int(s.D), p.max_rows = int(max_rows);
+  p.D = int(s.D);
   p.scale = float(scale);
   p.causal = causal;
   const int dtype = q.scalar_type() == at::kHalf ? 0 : q.scalar_type() == at::kBFloat16 ? 1 : 2;

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) cross_scores_kernel(const CrossScore
   const int j = j0 + c;
   const int group = p.Hq / p.Hkv, offset = p.Lk - p.Lq;
   const int n_rows = p.n_rows[b];
-  const int* rows = p.rows + int64_t(b) * p.max_rows;
+  const int* rows = p.rows + int64_t(b) * p.Lq;
   const float* w = p.w + int64_t(b) * p.Lq;
   const float bias_j = j < p.Lk ? (p.key_bias ? p.key_bias[b * p.bias_batch_stride + j] : 0.f) : kNegInf;
 

@@ -53,7 +53,7 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
 extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D, const void* q,
                           const int64_t* qs, const void* k, const int64_t* ks, const float* lse,
                           const float* bias, int64_t bias_stride, const float* w, const int* rows,
-                          const int* n_rows, const float* w_sum, int max_rows, float scale,
+                          const int* n_rows, const float* w_sum, float scale,
                           int causal, float* s_cross) {
   CrossScoresParams p{};
   p.q = q; p.k = k; p.lse = lse; p.key_bias = bias; p.w = w; p.rows = rows; p.n_rows = n_rows;
@@ -61,7 +61,7 @@ extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int
   p.q_batch_stride = qs[0]; p.q_head_stride = qs[1]; p.q_row_stride = qs[2];
   p.k_batch_stride = ks[0]; p.k_head_stride = ks[1]; p.k_row_stride = ks[2];
   p.bias_batch_stride = bias_stride;
-  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.max_rows = max_rows;
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D;
   p.scale = scale; p.causal = causal;
   cross_scores_launch(p, dtype, nullptr);
 }

@@ -308,6 +308,28 @@ def test_cli_model_dir_atp_file_prompt_and_image(tmp_path, capsys):
     assert kept.any() and (first[:, :, 1:3, 1:3][kept] == 0).all()
 
 
+def test_pillow_reads_our_png_and_a_pillow_image_drives_the_cli(tmp_path, capsys):
+    """Pillow is optional (images other than .pt / .npy); where it is installed, an independent
+    decoder reads what write_png wrote, and a palette PNG written by Pillow is a valid --image."""
+    image_mod = pytest.importorskip("PIL.Image")
+    np = pytest.importorskip("numpy")
+    rgb = torch.randint(0, 256, (9, 31, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    write_png(tmp_path / "ours.png", rgb)
+    assert np.array_equal(np.asarray(image_mod.open(tmp_path / "ours.png").convert("RGB")), rgb.numpy())
+
+    half = np.zeros((30, 40, 3), dtype=np.uint8)
+    half[:, 20:] = 255
+    image_mod.fromarray(half).convert("P").save(tmp_path / "im.png")  # palette mode: load_image converts
+    out = tmp_path / "p.png"
+    rendered = main(["--tiny", "--theta", "0.5", "0.5", "--image", str(tmp_path / "im.png"), "--out", str(out),
+                     "--cell", "4"])
+    k = len(kept_counts(capsys.readouterr().out))
+    first = cells(panels(rendered, k, GRID, 4)[0], GRID, 4)[:, :11]  # the image's black left half
+    kept = ~(first == 255).all(-1).all(-1).all(-1)
+    assert kept.any() and (first[:, :, 1:3, 1:3][kept] == 0).all()
+    assert np.array_equal(np.asarray(image_mod.open(out).convert("RGB")), rendered.numpy())
+
+
 def test_cli_errors(tmp_path, capsys):
     model_dir = tmp_path / "llava"
     tiny_llava(2).save_pretrained(model_dir)

@@ -88,7 +88,7 @@ def load_image(image: Union[str, os.PathLike, torch.Tensor, Any]) -> torch.Tenso
                                   ".pt and .npy images need nothing") from e
             import numpy as np
 
-            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")))
+            image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))  # a writable copy
     t = torch.as_tensor(image)
     if t.dim() != 3:
         raise ValueError(f"load_image: expected a 3D image, got shape {tuple(t.shape)}")

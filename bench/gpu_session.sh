@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, batched so the device time goes to running:
-#   bash bench/gpu_session.sh [build] [test] [sanitize] [bench]     (no argument: all four)
+#   bash bench/gpu_session.sh [build] [test] [sanitize] [bench] [e2e]     (no argument: all five)
 # Logs go to $OUT (the device tool's result folder; ./gpu_out elsewhere). The ops' tests run on
 # the GPU machine's own torch/transformers; atp_llava needs transformers >= 5.24, so its tests
-# are left to CI unless that machine has it.
+# are left to CI unless that machine has it; the e2e stage (LLaVA-1.5-7B shapes) needs it too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench e2e)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 status=0
 
@@ -35,7 +35,9 @@ for stage in "${stages[@]}"; do
       run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/cuda_smoke.py ;;
     bench)
       run bench python3 bench/kernel_bench.py --check --out "$OUT/kernel_bench_cuda.json" ;;
-    *) echo "unknown stage $stage (build, test, sanitize, bench)"; exit 2 ;;
+    e2e)
+      run e2e python3 bench/e2e_bench.py --preset llava7b --batch 1 8 --out "$OUT/e2e_llava7b_cuda.json" ;;
+    *) echo "unknown stage $stage (build, test, sanitize, bench, e2e)"; exit 2 ;;
   esac
 done
 exit $status

@@ -390,9 +390,12 @@ class ATPController:
                 cached = CacheState(bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
                                     batch=state.layout.batch, flash=self._flash_kernel(module))
                 if cached.flash is not None:
-                    starts: Dict[int, Optional[torch.Tensor]] = {}  # layers between ATP layers share a bias
-                    for j, bias in cached.bias.items():
-                        cached.start[j] = starts.setdefault(id(bias), flash.leftpad(bias))
+                    starts: Dict[int, Optional[torch.Tensor]] = {}  # the layers between two ATP layers
+                    for j in cached.bias:                           # share one bias tensor: one sync each
+                        bias = state.bias_by_layer[j]
+                        if id(bias) not in starts:
+                            starts[id(bias)] = flash.leftpad(bias.detach())
+                        cached.start[j] = starts[id(bias)]
                 self._caches[cache] = cached
         from .report import ATPReport
 

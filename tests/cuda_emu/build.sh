@@ -1,8 +1,8 @@
 #!/bin/bash
-# Builds a host (CPU) emulation of the CUDA attention/score kernels into $OUT (default
+# Builds a host (CPU) emulation of the CUDA attention, score and soft-mask kernels into $OUT (default
 # /tmp/atp_cuda_emu): copies csrc/, rewrites the few CUDA-only constructs (dynamic shared
 # memory declarations, <<<>>> launches, cudaFuncSetAttribute) into calls of shim/emu_runtime.h,
-# and compiles emu_api.cpp with g++ against shim/mma.h (a WMMA emulation). Then
+# and compiles emu_api.cpp and emu_soft_mask.cpp with g++ against shim/mma.h (a WMMA emulation). Then
 #   python tests/cuda_emu/check.py [quick|all]
 # runs the real kernel code, one std::thread per CUDA thread, against atp_ops.reference.
 # It checks indexing, masking, barriers and WMMA alignment rules; not speed, not the hardware.
@@ -16,12 +16,12 @@ TOP="$(nvcc --dryrun -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1 ||
 CUDA_INC="${CUDA_INC:-${TOP:-/usr/local/cuda}/include}"
 rm -rf "$OUT/src" && mkdir -p "$OUT/src" && cp -r "$REPO/csrc/." "$OUT/src/"
 cd "$OUT/src/cuda"
-for f in *.cuh scores.cu; do
+for f in *.cuh scores.cu soft_mask.cu; do
   perl -0pi -e 's/extern __shared__ __align__\(128\) unsigned char smem\[\];/unsigned char* smem = emu::smem();/g;
                 s/extern __shared__ float smem_f\[\];/float* smem_f = reinterpret_cast<float*>(emu::smem());/g;
                 s/cudaFuncSetAttribute\(/emu::func_set_attribute(/g;
                 s/([\w:<>, &]+?)<<<(.*?)>>>\((\w+)\)/emu::launch($1, $2, $3)/g' "$f"
 done
 g++ -std=c++20 -O2 -fPIC -shared -I"$HERE/shim" -I"$OUT/src" -I"$CUDA_INC" "$HERE/emu_api.cpp" \
-    -o "$OUT/libemu.so" -lpthread
+    "$HERE/emu_soft_mask.cpp" -o "$OUT/libemu.so" -lpthread
 echo "built $OUT/libemu.so"

@@ -1,10 +1,27 @@
 """Runs the host-emulated CUDA kernels (build.sh makes libemu.so) against atp_ops.reference,
-with the host logic of csrc/cuda/ops_cuda.cpp (copies, split-K sizes, row lists) mirrored here."""
+with the host logic of csrc/cuda/ops_cuda.cpp (copies, split-K sizes, row lists) mirrored here.
+``python check.py [quick|all]`` runs QUICK or ALL; tests/test_cuda_emulated.py runs ALL under pytest."""
 import ctypes, os, sys
+from functools import partial
 import torch
 from atp_ops import reference
 
-lib = ctypes.CDLL(os.path.join(os.environ.get("OUT", "/tmp/atp_cuda_emu"), "libemu.so"))
+
+class _Lib:
+    """libemu.so: from load(directory), else from $OUT (default /tmp/atp_cuda_emu) on first use."""
+    handle = None
+
+    def __getattr__(self, name):
+        if _Lib.handle is None:
+            load(os.environ.get("OUT", "/tmp/atp_cuda_emu"))
+        return getattr(_Lib.handle, name)
+
+
+def load(directory):
+    _Lib.handle = ctypes.CDLL(os.path.join(os.fspath(directory), "libemu.so"))
+
+
+lib = _Lib()
 P = ctypes.c_void_p
 I = ctypes.c_int
 L = ctypes.c_int64
@@ -84,6 +101,48 @@ def cross(q, k, lse, bias, w, causal, scale):
                   ptr(lse.contiguous()), ptr(bias), L(bias.stride(0) if bias is not None else 0), ptr(wc),
                   ptr(rows), ptr(n_rows), ptr(w_sum), F(scale), I(int(causal)), ptr(s))
     return s
+
+
+def soft_mask_case(B, N, dtype, broadcast, seed=0):
+    """The soft / hard mask kernels (forward and backward) against reference.soft_mask_ref /
+    hard_mask_ref and autograd through the reference."""
+    g = torch.Generator().manual_seed(seed)
+    dt = 0 if dtype == torch.float32 else 1
+    s_red = torch.rand(B, N, generator=g, dtype=dtype)
+    s_sp = torch.rand(N if broadcast else (B, N), generator=g, dtype=dtype)
+    if broadcast:
+        s_sp = s_sp.reshape(N)
+    th_r = torch.rand(B, generator=g, dtype=dtype)
+    th_s = torch.rand(B, generator=g, dtype=dtype)
+    prev = torch.randn(B, N, generator=g, dtype=dtype) * 0.1
+    prev[torch.rand(B, N, generator=g) < 0.2] = float("-inf")
+    temperature = 10.0
+    sp_stride = 0 if broadcast else N
+    print(f"--- soft_mask B{B} N{N} {dtype} s_spatial {'(N,)' if broadcast else '(B, N)'}")
+    ok = True
+    for hard in (False, True):
+        out = torch.empty(B, N, dtype=dtype)
+        lib.emu_soft_mask_fwd(I(dt), L(B), L(N), ptr(s_red), ptr(s_sp), L(sp_stride), ptr(th_r), ptr(th_s),
+                              ptr(prev), ctypes.c_double(temperature), I(int(hard)), ptr(out))
+        ref = (reference.hard_mask_ref(s_red, s_sp, th_r, th_s, prev) if hard
+               else reference.soft_mask_ref(s_red, s_sp, th_r, th_s, temperature, prev))
+        same = torch.equal(torch.isinf(out), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        e = (out[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
+        good = same and e <= (1e-5 if dtype == torch.float32 else 1e-12)
+        print(f"{'OK   ' if good else 'FAIL '}{'hard' if hard else 'soft'}: err {e:.2e}, -inf pattern {'same' if same else 'DIFFERS'}")
+        ok &= good
+    grad = torch.randn(B, N, generator=g, dtype=dtype)
+    d_red, d_sp = torch.empty(B, N, dtype=dtype), torch.empty(B, N, dtype=dtype)
+    d_thr, d_ths = torch.empty(B, dtype=dtype), torch.empty(B, dtype=dtype)
+    lib.emu_soft_mask_bwd(I(dt), L(B), L(N), ptr(grad), ptr(s_red), ptr(s_sp), L(sp_stride), ptr(th_r), ptr(th_s),
+                          ctypes.c_double(temperature), ptr(d_red), ptr(d_sp), ptr(d_thr), ptr(d_ths))
+    ins = [t.clone().requires_grad_(True) for t in (s_red, s_sp, th_r, th_s)]
+    reference.soft_mask_ref(*ins[:2], *ins[2:], temperature).backward(grad)
+    got = (d_red, d_sp.sum(0) if broadcast else d_sp, d_thr, d_ths)
+    for name, a, r in zip(("d_s_red", "d_s_spatial", "d_theta_r", "d_theta_s"), got, ins):
+        ok &= err(name, a, r.grad)
+    return ok
 
 
 def err(name, a, r, lp=None):
@@ -166,28 +225,41 @@ def cross_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, seed=0):
     return err("s_cross", s, r)
 
 
+QUICK = [partial(case, 1, 2, 1, 70, 100, 64, torch.float16, True)]
+ALL = []
+for _D in (64, 128):
+    for _dtype in (torch.float16, torch.bfloat16):
+        ALL.append(partial(case, 2, 2, 1, 70, 100, _D, _dtype, True, layout="blhd"))
+        ALL.append(partial(case, 1, 2, 2, 33, 129, _D, _dtype, False, bias_kind="none"))
+ALL += [
+    partial(case, 1, 1, 1, 1, 1, 64, torch.float16, True),
+    partial(case, 1, 1, 1, 1, 1, 128, torch.bfloat16, False),
+    partial(case, 2, 2, 1, 100, 40, 64, torch.float16, True, bias_kind="dead"),
+    partial(case, 2, 2, 2, 5, 700, 128, torch.bfloat16, True, splits=4, do_bwd=False),
+    partial(case, 2, 2, 2, 1, 700, 64, torch.float16, False, bias_kind="dead", splits=3, do_bwd=False),
+    partial(cross_case, 2, 4, 2, 60, 130, 64, torch.float16, True),
+    partial(cross_case, 2, 4, 4, 60, 70, 128, torch.float32, False),
+    partial(case, 1, 4, 2, 150, 300, 128, torch.bfloat16, True, layout="blhd", seed=1),
+    partial(case, 1, 4, 2, 150, 300, 64, torch.float16, False, seed=2),
+    partial(case, 2, 4, 1, 16, 2880, 128, torch.float16, True, splits=5, do_bwd=False, seed=3),
+    partial(case, 1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4),
+    partial(cross_case, 1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5),
+    partial(cross_case, 3, 2, 1, 40, 90, 64, torch.float16, True, seed=6),  # sample 2: no rows
+    partial(soft_mask_case, 3, 576, torch.float32, False),
+    partial(soft_mask_case, 2, 2500, torch.float64, True, seed=1),  # several forward blocks per row
+    partial(soft_mask_case, 4, 100, torch.float32, True, seed=2),   # fewer tokens than threads
+]
+
+
+def case_id(c):
+    """A readable name of one entry of QUICK / ALL."""
+    args = "-".join(str(a).replace("torch.", "") for a in c.args)
+    kw = "-".join(f"{k}={v}" for k, v in c.keywords.items())
+    return f"{c.func.__name__}-{args}" + (f"-{kw}" if kw else "")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "quick"
-    oks = []
-    if which == "quick":
-        oks.append(case(1, 2, 1, 70, 100, 64, torch.float16, True))
-    elif which == "all":
-        for D in (64, 128):
-            for dtype in (torch.float16, torch.bfloat16):
-                oks.append(case(2, 2, 1, 70, 100, D, dtype, True, layout="blhd"))
-                oks.append(case(1, 2, 2, 33, 129, D, dtype, False, bias_kind="none"))
-        oks.append(case(1, 1, 1, 1, 1, 64, torch.float16, True))
-        oks.append(case(1, 1, 1, 1, 1, 128, torch.bfloat16, False))
-        oks.append(case(2, 2, 1, 100, 40, 64, torch.float16, True, bias_kind="dead"))
-        oks.append(case(2, 2, 2, 5, 700, 128, torch.bfloat16, True, splits=4, do_bwd=False))
-        oks.append(case(2, 2, 2, 1, 700, 64, torch.float16, False, bias_kind="dead", splits=3, do_bwd=False))
-        oks.append(cross_case(2, 4, 2, 60, 130, 64, torch.float16, True))
-        oks.append(cross_case(2, 4, 4, 60, 70, 128, torch.float32, False))
-        oks.append(case(1, 4, 2, 150, 300, 128, torch.bfloat16, True, layout="blhd", seed=1))
-        oks.append(case(1, 4, 2, 150, 300, 64, torch.float16, False, seed=2))
-        oks.append(case(2, 4, 1, 16, 2880, 128, torch.float16, True, splits=5, do_bwd=False, seed=3))
-        oks.append(case(1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4))
-        oks.append(cross_case(1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5))
-        oks.append(cross_case(3, 2, 1, 40, 90, 64, torch.float16, True, seed=6))  # sample 2: no rows
+    oks = [c() for c in {"quick": QUICK, "all": ALL}[which]]
     print("ALL OK" if all(oks) else "SOME FAILED")
     sys.exit(0 if all(oks) else 1)

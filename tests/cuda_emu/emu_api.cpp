@@ -65,3 +65,4 @@ extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int
   p.scale = scale; p.causal = causal;
   cross_scores_launch(p, dtype, nullptr);
 }
+

@@ -1,6 +1,7 @@
 // Host emulation of the CUDA execution model used by the atp kernels: one std::thread per CUDA
 // thread, blocks run one after another, __syncthreads / __syncwarp as std::barrier, shuffles
-// through a per-warp exchange buffer. Shared memory is filled with NaN bytes before each block.
+// through a per-warp exchange buffer. Dynamic shared memory is filled with NaN bytes before each
+// block.
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -39,6 +40,14 @@ template <class T> T shfl_xor(T v, int m) {
   w.xchg[lane()] = double(v);
   w.bar.arrive_and_wait();
   T r = T(w.xchg[lane() ^ m]);
+  w.bar.arrive_and_wait();
+  return r;
+}
+template <class T> T shfl_down(T v, int off) {
+  Warp& w = *ctx.block->warps[ctx.tid.x / 32];
+  w.xchg[lane()] = double(v);
+  w.bar.arrive_and_wait();
+  T r = lane() + off < 32 ? T(w.xchg[lane() + off]) : v;
   w.bar.arrive_and_wait();
   return r;
 }
@@ -84,6 +93,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_
 #define __syncthreads() emu::syncthreads()
 #define __syncwarp(...) emu::syncwarp()
 #define __shfl_xor_sync(mask, v, m) emu::shfl_xor(v, m)
+#define __shfl_down_sync(mask, v, off) emu::shfl_down(v, off)
+// A block's static shared arrays: one object shared by its threads (blocks run one at a time).
+#undef __shared__
+#define __shared__ static
 #define __expf(x) expf(x)
 using std::min;
 using std::max;

@@ -2,7 +2,7 @@
 
     from atp_ops import atp_attention, atp_scores, atp_soft_mask, atp_hard_mask
 """
-from . import reference
+from . import ops, reference
 from .ops import (
     atp_attention,
     atp_hard_mask,
@@ -14,12 +14,4 @@ from .ops import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "atp_attention",
-    "atp_scores",
-    "atp_soft_mask",
-    "atp_hard_mask",
-    "redundant_score",
-    "has_cuda_kernels",
-    "reference",
-]
+__all__ = [*ops.__all__, "reference"]

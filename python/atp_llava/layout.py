@@ -6,7 +6,7 @@ the instruction rows used for S_cross are read from the batch itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,6 +32,8 @@ class VisionLayout:
         text_rows        (I, L) bool: the rows that define S_cross of this image: real, non-image
                          tokens after the image that are not answer tokens (labels == -100)
         images_per_sample (B,) long
+        slot_images      one (I_s,) long per image slot s: the images that are their sample's
+                         image s (slot 0: every sample's first image, ...)
     """
 
     batch: int
@@ -43,6 +45,7 @@ class VisionLayout:
     image_pos: torch.Tensor
     text_rows: torch.Tensor
     images_per_sample: torch.Tensor
+    slot_images: Tuple[torch.Tensor, ...]
 
     @property
     def num_images(self) -> int:
@@ -50,7 +53,7 @@ class VisionLayout:
 
     @property
     def max_slots(self) -> int:
-        return int(self.images_per_sample.max().item()) if self.batch else 0
+        return len(self.slot_images)
 
     @classmethod
     def from_batch(cls, input_ids: torch.Tensor, image_token_id: int, n_grid: int,
@@ -97,6 +100,8 @@ class VisionLayout:
         first = torch.zeros(b + 1, dtype=torch.long, device=device)
         first[1:] = images_per_sample.cumsum(0)
         image_slot = torch.arange(num_images, device=device) - first[image_sample]
+        max_slots = int(images_per_sample.max()) if num_images else 0
+        slot_images = tuple((image_slot == s).nonzero().squeeze(1) for s in range(max_slots))
 
         text = valid & ~(input_ids == image_token_id)
         if labels is not None:
@@ -107,7 +112,7 @@ class VisionLayout:
         text_rows = after & text[image_sample]
         return cls(batch=b, seq_len=l, n_grid=n_grid, pad_bias=pad_bias, image_sample=image_sample,
                    image_slot=image_slot, image_pos=image_pos, text_rows=text_rows,
-                   images_per_sample=images_per_sample)
+                   images_per_sample=images_per_sample, slot_images=slot_images)
 
     def scatter_bias(self, img_bias: torch.Tensor) -> torch.Tensor:
         """The (B, L) key bias: ``pad_bias`` with the image positions replaced by ``img_bias``
@@ -162,23 +167,31 @@ class SeqView:
     @classmethod
     def keep(cls, keep: torch.Tensor, prev: Optional["SeqView"], seq_len: int) -> "SeqView":
         """The view of the slots of ``prev`` (identity if None) where ``keep`` (B, Lc_prev) holds."""
-        b = keep.shape[0]
+        b, n = keep.shape
         counts = keep.sum(1)
-        length = int(counts.max().item()) if b else 0
-        rows, cols = keep.nonzero(as_tuple=True)
-        slot = (keep.cumsum(1) - 1 + (length - counts)[:, None])[rows, cols]
-        src = torch.full((b, length), -1, dtype=torch.long, device=keep.device)
-        src[rows, slot] = cols
+        length = int(counts.max().item()) if b else 0  # the one host sync: the new length
+        # Each kept column's slot; dropped columns go to a spare slot (length) that is cut off.
+        slot = torch.where(keep, keep.cumsum(1) - 1 + (length - counts)[:, None], length)
+        cols = torch.arange(n, device=keep.device).expand(b, n)
+        src = _scatter_cut(torch.full((b, length), -1, dtype=torch.long, device=keep.device), slot, cols)
         orig = src if prev is None else gather_slots(prev.orig, src, -1)
         valid = orig >= 0
-        inv = torch.full((b, seq_len), length, dtype=torch.long, device=keep.device)
-        r, c = valid.nonzero(as_tuple=True)
-        inv[r, orig[r, c]] = c
+        slots = torch.arange(length, device=keep.device).expand(b, length)
+        inv = _scatter_cut(torch.full((b, seq_len), length, dtype=torch.long, device=keep.device),
+                           torch.where(valid, orig, seq_len), slots)
         return cls(orig=orig, src=src, valid=valid, inv=inv)
 
     def untake(self, x: torch.Tensor, seq_len: int, fill: float = 0.0) -> torch.Tensor:
         """x (B, Lc, ...) in slots -> (B, L, ...) in original positions; ``fill`` where gone."""
         out = x.new_full((x.shape[0], seq_len) + x.shape[2:], fill)
-        r, c = self.valid.nonzero(as_tuple=True)
-        out[r, self.orig[r, c]] = x[r, c]
-        return out
+        return _scatter_cut(out, torch.where(self.valid, self.orig, seq_len), x)
+
+
+def _scatter_cut(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[b, index[b, j]] = src[b, j]`` along dim 1, where ``index == out.shape[1]`` marks
+    entries to drop (they land in a spare column that is cut off). No host sync.
+    out (B, L, ...), index (B, Lc) long, src (B, Lc, ...)."""
+    b, l = out.shape[:2]
+    spare = torch.cat([out, out[:, :1]], 1)
+    trail = (1,) * (src.dim() - 2)
+    return spare.scatter_(1, index.view(b, -1, *trail).expand(src.shape), src)[:, :l]

@@ -60,6 +60,7 @@ def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[in
         "loss_atp": (loss_atp_sample * weights).sum() / n_samples,
         "n_bar": n_bar,
         "n_bar_batch": n_bar_batch,
-        "loss_target": (n_bar_batch - target_tokens).abs() if bool(has_image.any()) else n_bar_batch * 0.0,
+        # 0 (and no gradient) for a batch without images; torch.where keeps it free of a host sync
+        "loss_target": torch.where(has_image.any(), (n_bar_batch - target_tokens).abs(), n_bar_batch * 0.0),
         "per_layer": per_layer,
     }

@@ -578,8 +578,7 @@ class ATPController:
         s_self = prev_img_bias.new_zeros(n_img, n)
         s_cross = prev_img_bias.new_zeros(n_img, n)
         w_img = prev_img_bias.exp()  # Eq. 3 rows weighted by their current soft mask (§3.2)
-        for slot in range(lay.max_slots):
-            idx = (lay.image_slot == slot).nonzero().squeeze(1)
+        for idx in lay.slot_images:
             rows = lay.image_sample[idx]
             # the image's tokens in the slots (lc: gone, a spare column that is dropped)
             pos = lay.image_pos[idx] if view is None else view.inv[rows[:, None], lay.image_pos[idx]]

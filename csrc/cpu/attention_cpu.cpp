@@ -6,7 +6,6 @@
 // short query tiles (decoding); the softmax work between them runs in the vectorised row kernels
 // of rows.cpp.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <limits>

@@ -1,6 +1,5 @@
 // CPU atp_scores (DESIGN §3.2, paper Eq. 3-4), without any Lq x Lk buffer.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cstring>
 #include <limits>

@@ -1,6 +1,5 @@
 // CPU soft / hard threshold masks (DESIGN §3.4): soft_mask.h's per-token math over rows.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include "checks.h"
 #include "cpu/tiles.h"

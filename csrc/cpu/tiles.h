@@ -1,4 +1,4 @@
-// Tiling helpers shared by the CPU attention and score kernels.
+// Tiling and threading helpers shared by the CPU kernels.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -326,6 +326,31 @@ def test_flash_decode_equals_atp_attention_decode(stock, flash_stand_in, padding
     assert len(starts) == layers  # each layer's rows start where that layer's pruning left them
 
 
+def test_flash_decode_gives_way_to_atp_attention_for_a_masked_new_token(stock, prompts, flash_stand_in):
+    """A decoding step whose new token is masked in one sample leaves a hole in the pruned
+    layers' caches, which cache_leftpad cannot express: that cache decodes on atp_attention from
+    then on, with the same logits as a model that never used flash-attn."""
+    on, off = atp(stock, flash_decode=True), atp(stock, flash_decode=False)
+    nxt = torch.full((3, 1), 5)
+    mask = prompts["attention_mask"]
+    logits = []
+    with torch.no_grad():
+        for model in (on, off):
+            cache = model(**prompts, use_cache=True).cache
+            steps = []
+            for new in ([1, 1, 1], [0, 1, 1], [1, 1, 1]):  # step 2: sample 0's token is masked
+                m = torch.cat([mask, torch.tensor(new)[:, None]], 1)
+                steps.append(model(input_ids=nxt, attention_mask=m, cache=cache).logits[:, -1])
+                mask = m
+            mask = prompts["attention_mask"]
+            logits.append(steps)
+            if model is on:
+                assert get_atp_controller(on)._caches[cache].flash is None
+    assert len(flash_stand_in) == 4  # step 1 only, every layer
+    for a, b in zip(*logits):
+        assert (a - b).abs().max() < 1e-10
+
+
 def prompts_with(padding):
     b = f64(make_batch([600, 590, 596], [padding] * 3, seed=1))
     b.pop("labels")

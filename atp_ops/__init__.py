@@ -9,6 +9,7 @@ from .ops import (
     atp_scores,
     atp_soft_mask,
     has_cuda_kernels,
+    normalize_scores,
     redundant_score,
 )
 

@@ -19,6 +19,7 @@ __all__ = [
     "atp_soft_mask",
     "atp_hard_mask",
     "redundant_score",
+    "normalize_scores",
     "has_cuda_kernels",
 ]
 
@@ -49,6 +50,7 @@ def atp_attention(
     v: torch.Tensor,
     key_bias: Optional[torch.Tensor] = None,
     *,
+    key_mask: Optional[torch.Tensor] = None,
     causal: bool = True,
     scale: Optional[float] = None,
     return_lse: bool = False,
@@ -60,22 +62,34 @@ def atp_attention(
     masked-exponent softmax ``M_j exp(s_ij) / sum_k M_k exp(s_ik)`` into this form: 0 keeps a
     key, -inf removes it, values in between soft-mask it.
 
+    ``key_mask`` gives M itself, multiplying each key's exponential on top of key_bias: the
+    attention is ``softmax(scale * q k^T + key_bias + log(key_mask))``. Its gradient is the
+    derivative with respect to M, defined at M = 0 too (what straight-through hard masks
+    need): ``sum over heads and rows of exp(s_ij + key_bias_j - lse_i) (dP_ij - delta_i)``, the
+    probability key j would have had, times (dP - delta). key_bias's gradient is then
+    ``key_mask`` times that. Padding stays at -inf in key_bias.
+
     Shapes:
         q         (B, Hq, Lq, D)    float16 / bfloat16 / float32 / float64
         k, v      (B, Hkv, Lk, D)   same dtype; Hq % Hkv == 0
         key_bias  (B, Lk)           float32 (float64 with float64 q), no NaN; or None
+        key_mask  (B, Lk)           float32 (float64 with float64 q), values in [0, 1]; or None
         returns   out (B, Hq, Lq, D) in q's dtype
                   [lse (B, Hq, Lq) float32 (float64 for float64 q), if return_lse]
 
-    A row with no finite logit returns 0 and lse = -inf. Differentiable in q, k, v, key_bias
-    (and through lse). The backward is deterministic (bitwise repeatable) on CPU and on CUDA,
-    whatever ``torch.use_deterministic_algorithms`` says: no kernel uses atomics. CUDA supports
-    float16/bfloat16 with head dims 64 and 128. Inputs may be non-contiguous views
+    A row with no finite logit returns 0 and lse = -inf. Differentiable in q, k, v, key_bias,
+    key_mask (and through lse). The backward is deterministic (bitwise repeatable) on CPU and on
+    CUDA, whatever ``torch.use_deterministic_algorithms`` says: no kernel uses atomics. CUDA
+    supports float16/bfloat16 with head dims 64 and 128. Inputs may be non-contiguous views
     (e.g. HF's transposed (B, L, H, D) tensors); the CPU kernel computes fp16/bf16 in float32.
 
     Equivalent to ``atp_ops.reference.attention_ref`` without materialising (Lq, Lk).
     """
-    out, lse = _ops.attention_fwd(q, k, v, key_bias, causal, _default_scale("atp_attention", q, scale))
+    scale = _default_scale("atp_attention", q, scale)
+    if key_mask is None:
+        out, lse = _ops.attention_fwd(q, k, v, key_bias, causal, scale)
+    else:
+        out, lse = _KeyMaskAttention.apply(q, k, v, key_bias, key_mask, causal, scale)
     return (out, lse) if return_lse else out
 
 
@@ -86,7 +100,8 @@ def _attention_fwd_fake(q, k, v, key_bias, causal, scale):
 
 
 @torch.library.register_fake("atp_ops::attention_bwd")
-def _attention_bwd_fake(grad_out, grad_lse, q, k, v, key_bias, out, lse, causal, scale, deterministic):
+def _attention_bwd_fake(grad_out, grad_lse, q, k, v, key_bias, out, lse, causal, scale, deterministic,
+                        grad_bias=None):
     dbias_dtype = key_bias.dtype if key_bias is not None else compute_dtype(q.dtype)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -94,6 +109,11 @@ def _attention_bwd_fake(grad_out, grad_lse, q, k, v, key_bias, out, lse, causal,
         torch.empty_like(v, memory_format=torch.contiguous_format),
         q.new_empty((q.shape[0], k.shape[2]), dtype=dbias_dtype),
     )
+
+
+@torch.library.register_fake("atp_ops::key_mask_bias")
+def _key_mask_bias_fake(q, k, v, key_bias, key_mask):
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=compute_dtype(q.dtype))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -116,6 +136,34 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("atp_ops::attention_fwd", _attention_backward,
                                 setup_context=_attention_setup_context)
+
+
+class _KeyMaskAttention(torch.autograd.Function):
+    """atp_attention with a key mask: the forward op on the bias key_bias + log(key_mask)
+    (key_mask_bias, which checks key_mask), the backward op with grad_bias = key_bias, whose
+    d_key_bias output is then the gradient with respect to the mask (ops.h)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_bias, key_mask, causal, scale):
+        bias = _ops.key_mask_bias(q, k, v, key_bias, key_mask)
+        out, lse = _ops.attention_fwd(q, k, v, bias, causal, scale)
+        ctx.save_for_backward(q, k, v, key_bias, key_mask, bias, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, key_bias, key_mask, bias, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_bias = key_bias if key_bias is not None else torch.zeros_like(bias)
+        dq, dk, dv, d_mask = _ops.attention_bwd(
+            grad_out, grad_lse, q, k, v, bias, out, lse, ctx.causal, ctx.scale,
+            torch.are_deterministic_algorithms_enabled(), grad_bias)
+        d_key_bias = (key_mask * d_mask).to(key_bias.dtype) if ctx.needs_input_grad[3] else None
+        d_key_mask = d_mask.to(key_mask.dtype) if ctx.needs_input_grad[4] else None
+        return dq, dk, dv, d_key_bias, d_key_mask, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,26 +210,30 @@ def _scores_fake(q, k, lse, key_bias, w_self, w_cross, causal, scale):
     return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
 
 
+def normalize_scores(s: torch.Tensor, kept: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise each row of ``s`` (B, N) to [0, 1] over its ``kept`` entries (bool (B, N);
+    all if None); entries not kept get 0, a row whose kept entries are all equal gets 0.
+    Invariant to a positive rescaling and a shift of each row. Returns float32 (float64 for
+    float64 input). The one normalisation of scores in the package (DESIGN §3.2)."""
+    if kept is None:
+        kept = torch.ones_like(s, dtype=torch.bool)
+    s = s.to(compute_dtype(s.dtype))
+    lo = torch.where(kept, s, torch.full_like(s, float("inf"))).amin(-1, keepdim=True)
+    hi = torch.where(kept, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
+    span = (hi - lo).clamp_min(eps)
+    return torch.where(kept, (s - lo) / span, torch.zeros_like(s))
+
+
 def redundant_score(s_self: torch.Tensor, s_cross: torch.Tensor, kept: Optional[torch.Tensor] = None,
                     eps: float = 1e-12) -> torch.Tensor:
     """The paper's redundant score, "the average of S_self and S_cross" (DESIGN §3.2).
 
     s_self is a logit and s_cross a probability, so each is first min-max normalised to [0, 1]
-    over the sample's vision tokens that are still kept (``kept``, bool (B, N); all if None),
-    then the two are averaged. Tokens not kept get 0. s_self, s_cross: (B, N) over the vision
-    tokens. This normalisation is the project's choice; it lives here and nowhere else.
+    over the sample's vision tokens that are still kept (``kept``, bool (B, N); all if None;
+    ``normalize_scores``), then the two are averaged. Tokens not kept get 0. s_self, s_cross:
+    (B, N) over the vision tokens.
     """
-    if kept is None:
-        kept = torch.ones_like(s_self, dtype=torch.bool)
-
-    def normalise(s):
-        s = s.float()
-        lo = torch.where(kept, s, torch.full_like(s, float("inf"))).amin(-1, keepdim=True)
-        hi = torch.where(kept, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
-        span = (hi - lo).clamp_min(eps)
-        return torch.where(kept, (s - lo) / span, torch.zeros_like(s))
-
-    return 0.5 * (normalise(s_self) + normalise(s_cross))
+    return 0.5 * (normalize_scores(s_self, kept, eps) + normalize_scores(s_cross, kept, eps))
 
 
 # ----------------------------------------------------------------------------------------------

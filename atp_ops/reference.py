@@ -44,12 +44,23 @@ def _logits(q, k, key_bias, causal, scale, dtype):
     return s
 
 
-def _softmax_lse(s):
+def _softmax_lse(s, key_mask=None):
     """Row softmax and log-sum-exp that give p = 0, lse = -inf (and zero gradients, no NaN) on
-    rows whose logits are all -inf. The shift m is detached: softmax does not depend on it."""
-    m = s.detach().amax(dim=-1, keepdim=True)
+    rows whose logits are all -inf. The shift m is detached: softmax does not depend on it.
+
+    key_mask (B, Lk) multiplies each key's exponential, p_ij = M_j e_ij / sum_k M_k e_ik (the
+    paper's form): the same values as adding log M to the logits, but written as a product its
+    autograd is the derivative with respect to M at M = 0 too, where log M would give NaN."""
+    if key_mask is None:
+        m = s.detach().amax(dim=-1, keepdim=True)
+    else:
+        key_mask = key_mask.to(s.dtype)[:, None, None, :]
+        log_m = torch.where(key_mask > 0, torch.log(key_mask.detach()), float("-inf"))
+        m = (s.detach() + log_m).amax(dim=-1, keepdim=True)  # the largest key the mask keeps
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
+    if key_mask is not None:
+        e = e * key_mask
     denom = e.sum(dim=-1, keepdim=True)
     has_mass = denom > 0
     safe = torch.where(has_mass, denom, torch.ones_like(denom))
@@ -58,10 +69,14 @@ def _softmax_lse(s):
     return p, lse.squeeze(-1)
 
 
-def attention_ref(q, k, v, key_bias=None, *, causal=True, scale=None, return_lse=False, upcast=True):
+def attention_ref(q, k, v, key_bias=None, *, key_mask=None, causal=True, scale=None, return_lse=False,
+                  upcast=True):
     """Reference of atp_attention (DESIGN §3.1), materialising the attention map.
 
-    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), key_bias (B, Lk) or None.
+    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), key_bias (B, Lk) or None, key_mask (B, Lk) in
+    [0, 1] or None: softmax(scale q k^T + key_bias + log key_mask), with key_mask applied as
+    the paper's product M_j exp(s_ij) / sum_k M_k exp(s_ik), so that autograd gives its
+    gradient at M = 0 as well (_softmax_lse).
     Returns out (B, Hq, Lq, D) in q's dtype [and lse (B, Hq, Lq)].
     upcast=True computes in float32 (float64 for float64 inputs); upcast=False computes in q's
     own dtype, which is "the same computation done in PyTorch at that dtype" of the error rule.
@@ -69,7 +84,7 @@ def attention_ref(q, k, v, key_bias=None, *, causal=True, scale=None, return_lse
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(q.dtype) if upcast else q.dtype
     s = _logits(q, k, key_bias, causal, scale, dtype)
-    p, lse = _softmax_lse(s)
+    p, lse = _softmax_lse(s, key_mask)
     hq, hkv = q.shape[1], v.shape[1]
     vv = v.to(dtype)
     if hq != hkv:

@@ -21,7 +21,36 @@ void check_log_mask(const char* op, const char* name, const at::Tensor& t) {
               " contains NaN or +inf; use -inf to remove a key and finite values (log M <= 0) for soft masks");
 }
 
+void check_mask_values(const char* op, const char* name, const at::Tensor& t) {
+  // One reduction and one host sync, as check_log_mask; NaN fails both comparisons.
+  TORCH_CHECK(((t >= 0) & (t <= 1)).all().item<bool>(), op, ": ", name,
+              " must hold values in [0, 1], no NaN: 1 keeps a key, 0 removes it, values between soft-mask it");
+}
+
 }  // namespace
+
+void check_key_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                      const AttentionShape& s) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.Lk, op, ": ", name,
+              " must have shape (B, Lk) = (", s.B, ", ", s.Lk, "), got ", sizes_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == at::kFloat ||
+                  (t.scalar_type() == at::kDouble && q.scalar_type() == at::kDouble),
+              op, ": ", name, " must be float32 (or float64 with float64 q), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
+              t.device());
+}
+
+void check_key_bias(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                    const AttentionShape& s) {
+  check_key_vector(op, name, t, q, s);
+  check_log_mask(op, name, t);
+}
+
+void check_key_mask(const char* op, const at::Tensor& key_mask, const at::Tensor& q,
+                    const AttentionShape& s) {
+  check_key_vector(op, "key_mask", key_mask, q, s);
+  check_mask_values(op, "key_mask", key_mask);
+}
 
 AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const c10::optional<at::Tensor>& key_bias) {
@@ -48,18 +77,7 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const
   TORCH_CHECK(k.size(3) == s.D && v.size(3) == s.D, op, ": q, k and v must share the head dim D = ",
               s.D, ", got k ", sizes_str(k.sizes()), ", v ", sizes_str(v.sizes()));
   TORCH_CHECK(s.D > 0, op, ": the head dim D must be positive");
-  if (key_bias.has_value()) {
-    const at::Tensor& kb = *key_bias;
-    TORCH_CHECK(kb.dim() == 2 && kb.size(0) == s.B && kb.size(1) == s.Lk, op,
-                ": key_bias must have shape (B, Lk) = (", s.B, ", ", s.Lk, "), got ",
-                sizes_str(kb.sizes()));
-    TORCH_CHECK(kb.scalar_type() == at::kFloat ||
-                    (kb.scalar_type() == at::kDouble && q.scalar_type() == at::kDouble),
-                op, ": key_bias must be float32 (or float64 with float64 q), got ", kb.scalar_type());
-    TORCH_CHECK(kb.device() == q.device(), op, ": key_bias must be on q's device ", q.device(),
-                ", got ", kb.device());
-    check_log_mask(op, "key_bias", kb);
-  }
+  if (key_bias.has_value()) check_key_bias(op, "key_bias", *key_bias, q, s);
   return s;
 }
 

@@ -20,6 +20,21 @@ struct AttentionShape {
 AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, const c10::optional<at::Tensor>& key_bias);
 
+// A per-key tensor [B, Lk], float32 (or float64 with float64 q), on q's device; `name` is the
+// argument the message names. Shapes, dtype and device only: no value is read.
+void check_key_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                      const AttentionShape& s);
+
+// An additive key bias (key_bias, grad_bias): check_key_vector, then no NaN and no +inf
+// (one reduction and one host sync).
+void check_key_bias(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                    const AttentionShape& s);
+
+// A multiplicative key mask (key_mask): check_key_vector, then every value in [0, 1], no NaN
+// (one reduction and one host sync).
+void check_key_mask(const char* op, const at::Tensor& key_mask, const at::Tensor& q,
+                    const AttentionShape& s);
+
 // lse [B, Hq, Lq], float32 (float64 with float64 q).
 void check_lse(const char* op, const char* name, const at::Tensor& lse, const at::Tensor& q,
                const AttentionShape& s);

@@ -16,8 +16,9 @@ TORCH_LIBRARY(atp_ops, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_bias, bool causal, float scale)"
         " -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
-        " Tensor? key_bias, Tensor out, Tensor lse, bool causal, float scale, bool deterministic)"
-        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor d_key_bias)");
+        " Tensor? key_bias, Tensor out, Tensor lse, bool causal, float scale, bool deterministic,"
+        " Tensor? grad_bias=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor d_key_bias)");
+  m.def("key_mask_bias(Tensor q, Tensor k, Tensor v, Tensor? key_bias, Tensor key_mask) -> Tensor");
   m.def("scores(Tensor q, Tensor k, Tensor lse, Tensor? key_bias, Tensor w_self, Tensor w_cross,"
         " bool causal, float scale) -> (Tensor s_self, Tensor s_cross)");
   m.def("soft_mask_fwd(Tensor s_red, Tensor s_spatial, Tensor theta_r, Tensor theta_s,"
@@ -30,6 +31,7 @@ TORCH_LIBRARY(atp_ops, m) {
 TORCH_LIBRARY_IMPL(atp_ops, CPU, m) {
   m.impl("attention_fwd", &atp::attention_fwd_cpu);
   m.impl("attention_bwd", &atp::attention_bwd_cpu);
+  m.impl("key_mask_bias", &atp::key_mask_bias);
   m.impl("scores", &atp::scores_cpu);
   m.impl("soft_mask_fwd", &atp::soft_mask_fwd_cpu);
   m.impl("soft_mask_bwd", &atp::soft_mask_bwd_cpu);

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.library import opcheck
 
@@ -45,49 +45,51 @@ def same_tol(dtype):
     return dict(rtol=2e-6, atol=2e-6)
 
 
-def forward_backward(fn, q, k, v, key_bias, do, dlse, use_lse, **kw):
-    """out, lse and grads (q, k, v, key_bias) of sum(out * do) [+ sum(finite lse * dlse)]."""
-    q, k, v, key_bias = leaf(q), leaf(k), leaf(v), leaf(key_bias)
+def forward_backward(fn, q, k, v, key_bias, do, dlse, use_lse, key_mask=None, **kw):
+    """out, lse and grads (q, k, v, key_bias[, key_mask]) of sum(out * do) [+ sum(finite lse * dlse)]."""
+    q, k, v, key_bias, key_mask = leaf(q), leaf(k), leaf(v), leaf(key_bias), leaf(key_mask)
+    if key_mask is not None:
+        kw["key_mask"] = key_mask
     out, lse = fn(q, k, v, key_bias, return_lse=True, **kw)
     loss = (out * do.to(out.dtype)).sum()
     if use_lse:
         finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         loss = loss + (finite_lse * dlse.to(lse.dtype)).sum()
-    inputs = [t for t in (q, k, v, key_bias) if t is not None]
-    grads = torch.autograd.grad(loss, inputs)
-    grads = list(grads) + ([None] if key_bias is None else [])
-    return out, lse, grads
+    wrt = (q, k, v, key_bias) if key_mask is None else (q, k, v, key_bias, key_mask)
+    grads = iter(torch.autograd.grad(loss, [t for t in wrt if t is not None]))
+    return out, lse, [None if t is None else next(grads) for t in wrt]
 
 
-def check_against_reference(q, k, v, key_bias, causal, scale, use_lse, gen):
+def check_against_reference(q, k, v, key_bias, causal, scale, use_lse, gen, key_mask=None):
     """Kernel vs reference under FlashAttention's rule (fp16/bf16) or a float64 reference."""
     dtype = q.dtype
-    out0, lse0 = atp_attention(q, k, v, key_bias, causal=causal, scale=scale, return_lse=True)
+    kw = dict(causal=causal, scale=scale)
+    out0, lse0 = atp_attention(q, k, v, key_bias, key_mask=key_mask, return_lse=True, **kw)
     do, dlse = upstream(out0, lse0, gen)
-    got = forward_backward(atp_attention, q, k, v, key_bias, do, dlse, use_lse, causal=causal, scale=scale)
+    got = forward_backward(atp_attention, q, k, v, key_bias, do, dlse, use_lse, key_mask, **kw)
 
     ref_dtype = torch.float32 if dtype in LOW_PRECISION else torch.float64
     up = lambda t, dt=ref_dtype: None if t is None else t.detach().to(dt)  # noqa: E731
-    ref = forward_backward(reference.attention_ref, up(q), up(k), up(v),
-                           up(key_bias, torch.float64 if ref_dtype == torch.float64 else torch.float32),
-                           up(do), up(dlse), use_lse, causal=causal, scale=scale)
+    up_bias = lambda t: up(t, torch.float64 if ref_dtype == torch.float64 else torch.float32)  # noqa: E731
+    ref = forward_backward(reference.attention_ref, up(q), up(k), up(v), up_bias(key_bias),
+                           up(do), up(dlse), use_lse, up_bias(key_mask), **kw)
     lowp = None
     if dtype in LOW_PRECISION:
-        lowp = forward_backward(reference.attention_ref, q, k, v, key_bias, do, dlse, use_lse,
-                                causal=causal, scale=scale, upcast=False)
+        lowp = forward_backward(reference.attention_ref, q, k, v, key_bias, do, dlse, use_lse, key_mask,
+                                upcast=False, **kw)
 
     assert got[0].dtype == dtype and got[0].shape == q.shape
     assert got[1].dtype == bias_dtype(dtype) and got[1].shape == q.shape[:3]
-    names = ("dq", "dk", "dv", "d_key_bias")
+    names = ("dq", "dk", "dv", "d_key_bias", "d_key_mask")
+    inputs = (q, k, v, key_bias, key_mask)
     assert_close_fa("out", got[0], ref[0], None if lowp is None else lowp[0])
     # lse is float32 for fp16/bf16 q, computed in fp32 by the kernel: compare to the fp32 path.
     assert_close_fa("lse", got[1], ref[1])
-    for name, g, r, i in zip(names, got[2], ref[2], range(4)):
+    for name, g, r, i in zip(names, got[2], ref[2], range(5)):
         if r is None:
             assert g is None
             continue
-        assert g.dtype == (key_bias.dtype if name == "d_key_bias" else dtype)
-        assert g.shape == (key_bias.shape if name == "d_key_bias" else (q, k, v)[i].shape)
+        assert g.dtype == inputs[i].dtype and g.shape == inputs[i].shape, name
         assert_close_fa(name, g, r, None if lowp is None else lowp[2][i])
     return got
 
@@ -325,6 +327,231 @@ def test_key_bias_none_equals_zero_bias(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# key_mask: the multiplicative mask M, with its gradient defined at M = 0 (straight-through masks)
+
+
+def make_mask(b, lk, device, gen, *, dtype=torch.float32, zero_keys=None):
+    """key_mask (B, Lk) in [0, 1]: uniform values with ~1/4 exact zeros and ~1/8 exact ones; key 0
+    of every sample at 1, so every causal row with a key in view keeps one. zero_keys: a slice of
+    sample 0's keys set to 0 (a whole key tile of the kernels)."""
+    m = torch.rand(b, lk, generator=gen, dtype=torch.float64)
+    u = torch.rand(b, lk, generator=gen, dtype=torch.float64)
+    m[u < 0.25] = 0.0
+    m[u > 0.875] = 1.0
+    m[:, 0] = 1.0
+    if zero_keys is not None:
+        m[0, zero_keys] = 0.0
+    if b > 1:  # a column-major (non-contiguous) view, as make_bias does
+        m = m.t().contiguous().t()
+    return m.to(dtype).to(device)
+
+
+# (B, Hq, Hkv, Lq, Lk): GQA, MHA, Lq < Lk (decode-like), Lq > Lk (causal rows that see nothing),
+# Lk across two CPU key tiles with sample 0's second tile (keys 256..511) all at M = 0.
+MASK_SHAPES = [(2, 4, 1, 17, 300), (2, 2, 2, 65, 65), (2, 4, 2, 129, 70), (2, 4, 2, 40, 600), (1, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", ["none", "finite", "neg_inf"])
+def test_key_mask_equals_log_mask_bias(device, shape, causal, bias):
+    """The forward with key_mask is the forward with key_bias + log(key_mask), bit for bit; the
+    backward gives the same dq, dk, dv, and d key_bias = key_mask * d key_mask equals the
+    gradient of the log-mask bias."""
+    b, hq, hkv, lq, lk = shape
+    dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
+    gen = torch.Generator().manual_seed(lq * 7 + lk)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "blhd", device, gen)
+    key_bias = make_bias(bias, b, lk, dtype, device, gen)
+    key_mask = make_mask(b, lk, device, gen, zero_keys=slice(256, 512))
+    log_bias = torch.log(key_mask) if key_bias is None else key_bias + torch.log(key_mask)
+
+    out, lse = atp_attention(q, k, v, key_bias, key_mask=key_mask, causal=causal, return_lse=True)
+    out_b, lse_b = atp_attention(q, k, v, log_bias, causal=causal, return_lse=True)
+    assert torch.equal(out, out_b) and torch.equal(lse, lse_b)
+
+    do, dlse = upstream(out, lse, gen)
+    _, _, g = forward_backward(atp_attention, q, k, v, key_bias, do, dlse, True, key_mask, causal=causal)
+    _, _, g_b = forward_backward(atp_attention, q, k, v, log_bias, do, dlse, True, causal=causal)
+    for name, a, r in zip(("dq", "dk", "dv"), g[:3], g_b[:3]):
+        assert torch.equal(a, r), name
+    tol = dict(rtol=1e-5, atol=1e-5)  # float32 sums of terms that cancel, in another order
+    torch.testing.assert_close(key_mask * g[4], g_b[3], **tol)
+    if key_bias is not None:
+        torch.testing.assert_close(g[3], g_b[3], **tol)
+    else:
+        assert g[3] is None
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", ["none", "finite", "neg_inf"])
+def test_key_mask_gradients_match_reference(device, shape, causal, bias):
+    """Every output and gradient, d key_mask at M = 0 included, against the reference, whose
+    autograd through the paper's product M_j exp(s_ij) is exact at M = 0 (reference._softmax_lse)."""
+    b, hq, hkv, lq, lk = shape
+    dtype, d = pick(OP, device, torch.float64, 16)  # CUDA: bfloat16, D = 64
+    gen = torch.Generator().manual_seed(lq * 11 + lk)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, "mixed", device, gen)
+    key_bias = make_bias(bias, b, lk, dtype, device, gen)
+    key_mask = make_mask(b, lk, device, gen, dtype=bias_dtype(dtype), zero_keys=slice(256, 512))
+    got = check_against_reference(q, k, v, key_bias, causal, None, True, gen, key_mask=key_mask)
+    d_mask = got[2][4]
+    assert not torch.isnan(d_mask).any()
+    zero = (key_mask == 0) & (torch.isfinite(key_bias) if key_bias is not None else True)
+    if lq > 1:  # the keys at M = 0 still get a gradient (the point of key_mask)
+        assert d_mask[zero].abs().sum() > 0
+    if key_bias is not None:  # keys removed by key_bias get none
+        gone = torch.isneginf(key_bias)
+        assert torch.equal(d_mask[gone], torch.zeros_like(d_mask[gone]))
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@given(data=st.data())
+@settings(max_examples=15)
+def test_key_mask_matches_reference(device, data):
+    case = data.draw(attention_cases(device), label="case")
+    gen = torch.Generator().manual_seed(case["seed"])
+    q, k, v = make_qkv(case["b"], case["hq"], case["hkv"], case["lq"], case["lk"], case["d"],
+                       case["dtype"], case["layout"], device, gen)
+    key_bias = make_bias(case["bias"], case["b"], case["lk"], case["dtype"], device, gen)
+    key_mask = make_mask(case["b"], case["lk"], device, gen, dtype=bias_dtype(case["dtype"]))
+    check_against_reference(q, k, v, key_bias, case["causal"], case["scale"], case["use_lse"], gen,
+                            key_mask=key_mask)
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_mask_gradient_where_positive_is_autograd_of_log(device, causal):
+    """Where M > 0, d key_mask is autograd's gradient of attention_ref(key_bias + torch.log(M))."""
+    dtype, d = pick(OP, device, torch.float64, 16)  # CUDA: bfloat16, D = 64
+    gen = torch.Generator().manual_seed(41)
+    b, lq, lk = 2, 33, 290
+    q, k, v = make_qkv(b, 4, 2, lq, lk, d, dtype, "contiguous", device, gen)
+    key_bias = make_bias("neg_inf", b, lk, dtype, device, gen)
+    m = torch.rand(b, lk, generator=gen, dtype=torch.float64).clamp_min(0.05)
+    key_mask = m.to(bias_dtype(dtype)).to(device)
+    out, lse = atp_attention(q, k, v, key_bias, key_mask=key_mask, causal=causal, return_lse=True)
+    do, dlse = upstream(out, lse, gen)
+    got = forward_backward(atp_attention, q, k, v, key_bias, do, dlse, True, key_mask, causal=causal)[2][4]
+
+    up = lambda t: t.detach().double()  # noqa: E731
+    m_ref = leaf(up(key_mask))
+    o, l = reference.attention_ref(up(q), up(k), up(v), up(key_bias) + torch.log(m_ref), causal=causal,
+                                   return_lse=True)
+    loss = (o * up(do)).sum() + (torch.where(torch.isfinite(l), l, 0.0) * up(dlse)).sum()
+    (ref,) = torch.autograd.grad(loss, [m_ref])
+    if dtype == torch.float64:
+        assert_close_fa("d_key_mask", got, ref)
+    else:  # CUDA bfloat16: against the float32 reference with the low-precision budget
+        lowp = forward_backward(reference.attention_ref, q, k, v, key_bias, do, dlse, True, key_mask,
+                                causal=causal, upcast=False)[2][4]
+        assert_close_fa("d_key_mask", got, ref, lowp)
+
+
+def _mask_loss_inputs(lk=600):
+    """float64 CPU inputs with exact zeros in key_mask (sample 0: keys 256..511, a whole CPU key
+    tile), key_bias finite except a few -inf keys (key 3 of sample 0 at M = 0 as well), and every
+    row seeing a key with M > 0."""
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = make_qkv(2, 4, 2, 9, lk, 8, torch.float64, "blhd", "cpu", gen)
+    key_bias = torch.randn(2, lk, generator=gen, dtype=torch.float64)
+    key_bias[0, 3] = key_bias[1, 300] = NEG_INF
+    key_mask = make_mask(2, lk, "cpu", gen, dtype=torch.float64, zero_keys=slice(256, 512))
+    key_mask[0, 3] = 0.0
+    do = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(2, 4, 9, generator=gen, dtype=torch.float64)
+    return q, k, v, key_bias, key_mask, do, dlse
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_mask_gradient_at_zero_by_finite_differences(device, causal):
+    """d loss / d M_j at M_j = 0, by one-sided second-order finite differences of the op itself
+    in float64 (M cannot go below 0): single keys (in and out of the all-zero tile, one removed
+    by key_bias) and a random direction over every zero."""
+    skip_gradcheck_unless_float64(device)
+    q, k, v, key_bias, key_mask, do, dlse = _mask_loss_inputs()
+
+    def loss(m):
+        out, lse = atp_attention(q, k, v, key_bias, key_mask=m, causal=causal, return_lse=True)
+        return (out * do).sum() + (lse * dlse).sum()
+
+    m = leaf(key_mask)
+    loss(m).backward()
+    g = m.grad
+
+    def one_sided(direction, eps=1e-6):
+        f0, f1, f2 = (loss(key_mask + t * direction).item() for t in (0.0, eps, 2 * eps))
+        return (-3 * f0 + 4 * f1 - f2) / (2 * eps)
+
+    zeros = key_mask == 0
+    picks = [(0, 1 + int(torch.nonzero(zeros[0, 1:256])[0])), (0, 256), (0, 400), (0, 511),
+             (1, int(torch.nonzero(zeros[1])[-1])), (0, 3)]
+    for b, j in picks:
+        assert key_mask[b, j] == 0
+        e = torch.zeros_like(key_mask)
+        e[b, j] = 1.0
+        fd = one_sided(e)
+        assert abs(g[b, j].item() - fd) <= 1e-5 * max(1.0, abs(fd)), (b, j, g[b, j].item(), fd)
+    assert g[0, 3] == 0  # removed by key_bias: exactly no gradient
+    u = torch.rand(key_mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * zeros
+    fd = one_sided(u)
+    assert abs((g * u).sum().item() - fd) <= 1e-5 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_key_mask(device, causal):
+    """float64 gradcheck: every input with M inside (0, 1) (central differences), and key_bias
+    with a mask holding exact zeros."""
+    skip_gradcheck_unless_float64(device)
+    q, k, v, bias = _gradcheck_inputs(device)
+    gen = torch.Generator().manual_seed(47)
+    m = torch.rand(bias.shape, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+
+    def fn(q, k, v, bias, m):
+        return atp_attention(q, k, v, bias, key_mask=m, causal=causal, return_lse=True)
+
+    assert torch.autograd.gradcheck(fn, (leaf(q), leaf(k), leaf(v), leaf(bias), leaf(m)), eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+    m_zero = m.clone()
+    m_zero[0, 2] = m_zero[1, 5] = m_zero[1, 8] = 0.0  # key 0 keeps M > 0: every causal row sees a key
+
+    def fn_bias(bias):
+        return atp_attention(q, k, v, bias, key_mask=m_zero, causal=causal, return_lse=True)
+
+    assert torch.autograd.gradcheck(fn_bias, (leaf(bias),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_all_zero_key_mask_sample_gives_zero_and_no_nan(device, with_bias):
+    """A sample whose mask is all 0 sees nothing: 0, lse = -inf, and zero gradients (no row has a
+    normaliser to differentiate), like a key_bias of -inf; the other sample is untouched."""
+    dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
+    gen = torch.Generator().manual_seed(53)
+    q, k, v = (leaf(t) for t in make_qkv(2, 4, 2, 17, 300, d, dtype, "contiguous", device, gen))
+    key_bias = leaf(make_bias("finite", 2, 300, dtype, device, gen)) if with_bias else None
+    key_mask = make_mask(2, 300, device, gen)
+    key_mask[1] = 0.0
+    key_mask = leaf(key_mask)
+    out, lse = atp_attention(q, k, v, key_bias, key_mask=key_mask, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    (out.float().square().sum() + finite_lse.sum()).backward()
+    for name, t in (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("key_mask", key_mask)):
+        if t is None:
+            continue
+        assert not torch.isnan(t.grad).any(), f"NaN in d{name}"
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1])), f"d{name} of the dead sample != 0"
+        assert t.grad[0].abs().sum() > 0, f"d{name} of the live sample is all zero"
+
+
+# ----------------------------------------------------------------------------------------------
 # gradcheck (float64)
 
 
@@ -390,21 +617,23 @@ def test_gradcheck_across_key_tiles(device):
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_is_bitwise_deterministic(device, deterministic):
+@pytest.mark.parametrize("with_key_mask", [False, True])
+def test_backward_is_bitwise_deterministic(device, deterministic, with_key_mask):
     # Both settings on both devices: atp_attention's docstring promises a deterministic backward
     # whatever use_deterministic_algorithms says (no kernel uses atomics).
     gen = torch.Generator().manual_seed(19)
     dtype, d = pick(OP, device, torch.float32, 32)  # CUDA: float16, D = 64
     q, k, v = make_qkv(2, 4, 1, 100, 400, d, dtype, "blhd", device, gen)  # 2 x 2 tiles
     bias = make_bias("neg_inf", 2, 400, dtype, device, gen)
+    mask = make_mask(2, 400, device, gen) if with_key_mask else None
     do = torch.randn(q.shape, generator=gen).to(device, dtype)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
         runs = []
         for _ in range(2):
-            ins = [leaf(t) for t in (q, k, v, bias)]
-            out, lse = atp_attention(*ins, return_lse=True)
+            ins = [leaf(t) for t in (q, k, v, bias, mask) if t is not None]
+            out, lse = atp_attention(*ins[:4], key_mask=ins[4] if with_key_mask else None, return_lse=True)
             torch.autograd.backward([out, lse], [do, torch.ones_like(lse)])
             runs.append([out.detach()] + [t.grad for t in ins])
     finally:
@@ -427,33 +656,55 @@ def test_opcheck_attention_fwd(device, with_bias, causal):
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("with_grad_lse", [False, True])
-def test_opcheck_attention_bwd(device, with_bias, with_grad_lse):
+@pytest.mark.parametrize("with_grad_bias", [False, True])
+def test_opcheck_attention_bwd(device, with_bias, with_grad_lse, with_grad_bias):
     gen = torch.Generator().manual_seed(29)
     dtype, d = pick(OP, device, torch.float32, 8)  # CUDA: float16, D = 64
     q, k, v = make_qkv(2, 4, 2, 7, 11, d, dtype, "contiguous", device, gen)
     bias = make_bias("neg_inf", 2, 11, dtype, device, gen) if with_bias else None
+    grad_bias = None
+    if with_grad_bias:  # the key_mask path: bias = grad_bias + log M
+        grad_bias = make_bias("finite", 2, 11, dtype, device, gen)
+        mask = make_mask(2, 11, device, gen)
+        bias = torch.log(mask) + (grad_bias if bias is None else bias)
     out, lse = atp_attention(q, k, v, bias, causal=True, return_lse=True)
     do, dlse = upstream(out, lse, gen)
-    opcheck(torch.ops.atp_ops.attention_bwd,
-            (do, dlse if with_grad_lse else None, q, k, v, bias, out, lse, True, 0.35, False))
+    args = (do, dlse if with_grad_lse else None, q, k, v, bias, out, lse, True, 0.35, False)
+    opcheck(torch.ops.atp_ops.attention_bwd, args + ((grad_bias,) if with_grad_bias else ()))
+
+
+@pytest.mark.parametrize("device", ATTENTION_DEVICES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_key_mask_bias(device, with_bias):
+    gen = torch.Generator().manual_seed(30)
+    dtype, d = pick(OP, device, torch.float32, 8)  # CUDA: float16, D = 64
+    q, k, v = make_qkv(2, 4, 2, 7, 11, d, dtype, "blhd", device, gen)
+    bias = make_bias("neg_inf", 2, 11, dtype, device, gen) if with_bias else None
+    mask = make_mask(2, 11, device, gen)
+    opcheck(torch.ops.atp_ops.key_mask_bias, (q, k, v, bias, mask))
+    expected = torch.log(mask) if bias is None else bias + torch.log(mask)
+    assert torch.equal(torch.ops.atp_ops.key_mask_bias(q, k, v, bias, mask), expected)
 
 
 @pytest.mark.parametrize("device", ATTENTION_DEVICES)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("inputs", ["key_bias", "key_bias+key_mask", "key_mask"])
+def test_torch_compile_fullgraph(device, backend, inputs):
     gen = torch.Generator().manual_seed(31)
     dtype, d = pick(OP, device, torch.float32, 16)  # CUDA: float16, D = 64
     q, k, v = make_qkv(2, 4, 2, 9, 20, d, dtype, "blhd", device, gen)
-    bias = make_bias("neg_inf", 2, 20, dtype, device, gen)
+    bias = make_bias("neg_inf", 2, 20, dtype, device, gen) if "key_bias" in inputs else None
+    mask = make_mask(2, 20, device, gen) if "key_mask" in inputs else None
 
-    def step(q, k, v, bias):
-        out, lse = atp_attention(q, k, v, bias, causal=True, return_lse=True)
-        return (out * out).sum() + lse.sum()
+    def step(q, k, v, bias, mask):
+        out, lse = atp_attention(q, k, v, bias, key_mask=mask, causal=True, return_lse=True)
+        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return (out * out).sum() + finite_lse.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=backend)
-    ins_c = [leaf(t) for t in (q, k, v, bias)]
-    ins_e = [leaf(t) for t in (q, k, v, bias)]
+    ins_c = [leaf(t) for t in (q, k, v, bias, mask)]
+    ins_e = [leaf(t) for t in (q, k, v, bias, mask)]
     loss_c = compiled(*ins_c)
     loss_c.backward()
     loss_e = step(*ins_e)
@@ -461,7 +712,8 @@ def test_torch_compile_fullgraph(device, backend):
     # float16 out: the compiled and eager sums of out * out may round differently.
     torch.testing.assert_close(loss_c, loss_e, **({} if dtype == torch.float32 else same_tol(dtype)))
     for a, b in zip(ins_c, ins_e):
-        torch.testing.assert_close(a.grad, b.grad)
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():

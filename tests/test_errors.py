@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from atp_ops import atp_attention, atp_hard_mask, atp_scores, atp_soft_mask
 from conftest import cuda_usable
@@ -78,13 +79,92 @@ ATTENTION_CASES = _attention_cases()
 
 
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_attention_bad_input(name):
+@pytest.mark.parametrize("with_key_mask", [False, True])
+def test_attention_bad_input(name, with_key_mask):
+    # With a (valid) key_mask the checks of key_mask_bias answer first, in the same words.
     args, match = ATTENTION_CASES[name]
+    key_mask = torch.rand(B, LK) if with_key_mask else None
     with raises("atp_attention: " + match):
-        atp_attention(*args, scale=0.5)  # explicit scale: the C++ checks answer
+        atp_attention(*args, key_mask=key_mask, scale=0.5)  # explicit scale: the C++ checks answer
     if name.startswith("q rank"):
         with raises("atp_attention: " + match):
-            atp_attention(*args)  # default scale: the Python wrapper answers first, same words
+            atp_attention(*args, key_mask=key_mask)  # default scale: the Python wrapper answers first, same words
+
+
+def _key_mask_cases():
+    m = torch.rand(B, LK)
+    cases = {
+        "(Lk,)": (m[0], r"key_mask must have shape \(B, Lk\) = \(2, 11\), got " + SIZES("11")),
+        "Lk+1": (torch.rand(B, LK + 1), r"key_mask must have shape \(B, Lk\) = \(2, 11\), got " + SIZES("2, 12")),
+        "batch": (torch.rand(1, LK), r"key_mask must have shape \(B, Lk\) = \(2, 11\), got " + SIZES("1, 11")),
+        "per head": (torch.rand(B, HQ, LK), r"key_mask must have shape \(B, Lk\)"),
+        "float16": (m.half(), r"key_mask must be float32 \(or float64 with float64 q\), got Half"),
+        "float64, float32 q": (m.double(), r"key_mask must be float32 .* got Double"),
+        "bool": (m > 0.5, r"key_mask must be float32 .* got Bool"),
+    }
+    for name, bad in (("NaN", NAN), ("negative", -0.25), ("-inf", -INF), ("> 1", 1.5), ("+inf", INF)):
+        t = m.clone()
+        t[1, 4] = bad
+        cases[name] = (t, r"key_mask must hold values in \[0, 1\], no NaN: 1 keeps a key, 0 removes it")
+    return cases
+
+
+KEY_MASK_CASES = _key_mask_cases()
+
+
+@pytest.mark.parametrize("name", list(KEY_MASK_CASES))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_bad_key_mask(name, with_bias):
+    q, k, v, kb = qkvb()
+    key_mask, match = KEY_MASK_CASES[name]
+    with raises("atp_attention: " + match):
+        atp_attention(q, k, v, kb if with_bias else None, key_mask=key_mask)
+
+
+class _OpLog(TorchDispatchMode):
+    """The atp_ops ops a call reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "atp_ops":
+            self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["Lk+1", "float16", "NaN", "negative", "> 1"])
+def test_bad_key_mask_raises_before_any_attention_kernel(name):
+    q, k, v, kb = qkvb()
+    key_mask, match = KEY_MASK_CASES[name]
+    with _OpLog() as log, raises("atp_attention: " + match):
+        atp_attention(q, k, v, kb, key_mask=key_mask)
+    assert any("key_mask_bias" in op for op in log.ops) and not any("attention" in op for op in log.ops), log.ops
+
+
+def test_bad_key_bias_with_key_mask():
+    q, k, v, kb = qkvb()
+    m = torch.rand(B, LK)
+    with raises(r"atp_attention: key_bias must have shape \(B, Lk\) = \(2, 11\), got " + SIZES("2, 12")):
+        atp_attention(q, k, v, r(B, LK + 1), key_mask=m)
+    for bad, mask_value in ((NAN, 0.5), (INF, 0.5), (INF, 0.0)):  # +inf + log 0 is NaN: still caught
+        kb_bad, m_bad = kb.clone(), m.clone()
+        kb_bad[0, 2], m_bad[0, 2] = bad, mask_value
+        with raises(r"atp_attention: key_bias contains NaN or \+inf"):
+            atp_attention(q, k, v, kb_bad, key_mask=m_bad)
+
+
+def test_valid_key_masks_are_accepted():
+    q, k, v, kb = qkvb()
+    m = torch.rand(B, LK)
+    m[0, 3], m[1, 0] = 0.0, 1.0  # the ends of [0, 1] are valid
+    assert torch.isfinite(atp_attention(q, k, v, kb, key_mask=m)).all()
+    q, k, v, kb = qkvb(torch.float64)
+    assert atp_attention(q, k, v, kb, key_mask=m).dtype == torch.float64  # float32 mask with any q
+    assert atp_attention(q, k, v, key_mask=m.double()).dtype == torch.float64
+    q, k, v, kb = qkvb(torch.bfloat16)
+    assert atp_attention(q, k, v, kb, key_mask=m).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("where", [(0, 0), (1, 10), (1, 3)])
@@ -124,6 +204,12 @@ def test_attention_backward_bad_input():
         bad = kb.clone()
         bad[1, 1] = NAN
         bwd(do, None, q, k, v, bad, out, lse, True, 0.3, False)
+    with raises(r"atp_attention backward: grad_bias must have shape \(B, Lk\) = \(2, 11\), got " + SIZES("2, 10")):
+        bwd(do, None, q, k, v, kb, out, lse, True, 0.3, False, kb[:, 1:])
+    with raises(r"atp_attention backward: grad_bias must be float32 \(or float64 with float64 q\), got Double"):
+        bwd(do, None, q, k, v, kb, out, lse, True, 0.3, False, kb.double())
+    with raises(r"atp_attention backward: grad_bias contains NaN or \+inf"):
+        bwd(do, None, q, k, v, kb, out, lse, True, 0.3, False, bad)
 
 
 @pytest.mark.skipif(not cuda_usable("attention_fwd"), reason="needs a GPU and CUDA attention kernels")
@@ -135,6 +221,11 @@ def test_attention_device_mix():
         atp_attention(q, k, v.cpu(), kb)
     with raises(r"atp_attention: key_bias must be on q's device cuda"):
         atp_attention(q, k, v, kb.cpu())
+    m = torch.rand(B, LK, device="cuda")
+    with raises(r"atp_attention: key_mask must be on q's device cuda:0, got cpu"):
+        atp_attention(q, k, v, kb, key_mask=m.cpu())
+    with raises(r"atp_attention: key_bias must be on q's device cuda"):
+        atp_attention(q, k, v, kb.cpu(), key_mask=m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,12 +115,16 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 // FlashAttention-2 backward, one (batch, query head) per task, key tiles outer and query tiles
 // inner. dK, dV and d(key_bias) are kept per query head and summed over the GQA group after the
 // loop, so no two tasks write the same memory and the result is deterministic.
+// With grad_bias, d(key_bias) sums exp(s + grad_bias - lse) (dP - delta) instead of dS (the key
+// mask's gradient, ops.h). Every key tile is visited (only causal masking skips work), so keys
+// at -inf in key_bias but finite in grad_bias get their sums.
 template <typename scalar_t>
 void attention_bwd_kernel(const at::Tensor& dout, const scalar_t* dlse, const at::Tensor& q,
                           const at::Tensor& k, const at::Tensor& v, const scalar_t* key_bias,
-                          int64_t bias_stride, const at::Tensor& out, const at::Tensor& lse,
-                          at::Tensor& dq, at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dbias_h,
-                          bool causal, scalar_t scale) {
+                          int64_t bias_stride, const scalar_t* grad_bias, int64_t grad_bias_stride,
+                          const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                          at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dbias_h, bool causal,
+                          scalar_t scale) {
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), group = Hq / Hkv, offset = Lk - Lq;
@@ -129,6 +133,8 @@ void attention_bwd_kernel(const at::Tensor& dout, const scalar_t* dlse, const at
 
   cpu::parallel_tasks(B * Hq, [&](int64_t begin, int64_t end) {
     TileBuffer<scalar_t> p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK);
+    TileBuffer<scalar_t> pg_buf(grad_bias ? kBlockQ * kBlockK : 0);  // grad_bias's probabilities
+    scalar_t* pg_ptr = pg_buf.data.data();
     std::vector<scalar_t> delta(Lq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hq, h = task % Hq;
@@ -137,6 +143,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const scalar_t* dlse, const at
       at::Tensor dqbh = dq[b][h], dkbh = dk_h[b][h], dvbh = dv_h[b][h];
       scalar_t* dbias = dbias_h[b][h].data_ptr<scalar_t>();
       const scalar_t* bias_b = key_bias ? key_bias + b * bias_stride : nullptr;
+      const scalar_t* gbias_b = grad_bias ? grad_bias + b * grad_bias_stride : nullptr;
       const scalar_t* lse_bh = lse_ptr + task * Lq;
 
       // delta_i = sum_d dO_i O_i, less the lse gradient (d lse_i / d s_ij = P_ij).
@@ -158,20 +165,27 @@ void attention_bwd_kernel(const at::Tensor& dout, const scalar_t* dlse, const at
           scalar_t* p_ptr = p.data_ptr<scalar_t>();
           for (int64_t r = 0; r < nq; ++r) {
             scalar_t* row = p_ptr + r * nk;
+            scalar_t* g_row = pg_ptr + r * nk;
             const scalar_t lse_r = lse_bh[i0 + r];
             if (lse_r == kNegInf) {  // fully masked row: P = 0, no gradient
               std::fill(row, row + nk, scalar_t(0));
+              if (gbias_b) std::fill(g_row, g_row + nk, scalar_t(0));
               continue;
             }
-            cpu::prob_row(row, visible_keys(causal, i0 + r, offset, j0, nk), nk, scale,
-                          bias_b ? bias_b + j0 : nullptr, lse_r);
+            const int64_t n_valid = visible_keys(causal, i0 + r, offset, j0, nk);
+            if (gbias_b) {  // from the raw products, before prob_row overwrites them
+              std::copy(row, row + nk, g_row);
+              cpu::prob_row(g_row, n_valid, nk, scale, gbias_b + j0, lse_r);
+            }
+            cpu::prob_row(row, n_valid, nk, scale, bias_b ? bias_b + j0 : nullptr, lse_r);
           }
           dvj.addmm_(p.t(), doi);  // dV += P^T dO
           at::Tensor ds = ds_buf.view(nq, nk, opts);
           at::mm_out(ds, doi, vj.t());  // dP = dO V^T
           scalar_t* ds_ptr = ds.data_ptr<scalar_t>();
           for (int64_t r = 0; r < nq; ++r) {
-            cpu::softmax_bwd_row(p_ptr + r * nk, ds_ptr + r * nk, nk, delta[i0 + r], dbias + j0);
+            cpu::softmax_bwd_row(p_ptr + r * nk, ds_ptr + r * nk, nk, delta[i0 + r], dbias + j0,
+                                 gbias_b ? pg_ptr + r * nk : nullptr);
           }
           dqbh.narrow(0, i0, nq).addmm_(ds, kj, 1, scale);  // dQ += scale dS K
           dkj.addmm_(ds.t(), qi, 1, scale);                  // dK += scale dS^T Q
@@ -205,11 +219,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_bias,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/,
+    const c10::optional<at::Tensor>& grad_bias) {
   const BelowAutograd below_autograd;
   // The CPU backward is always deterministic (see attention_bwd_kernel).
   const char* op = "atp_attention backward";
   const AttentionShape s = check_attention_inputs(op, q, k, v, key_bias);
+  if (grad_bias) check_key_bias(op, "grad_bias", *grad_bias, q, s);
   check_same_shape(op, "grad_out", grad_out, q.sizes(), "(B, Hq, Lq, D)", q);
   check_same_shape(op, "out", out, q.sizes(), "(B, Hq, Lq, D)", q);
   check_lse(op, "lse", lse, q, s);
@@ -220,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor lsec = lse.contiguous();
   const at::Tensor dlse = grad_lse ? grad_lse->contiguous() : at::Tensor();
   const at::Tensor kb = key_bias ? as_compute(*key_bias, ct) : at::Tensor();
+  const at::Tensor gb = grad_bias ? as_compute(*grad_bias, ct) : at::Tensor();
   const auto opts = q.options().dtype(ct);
   at::Tensor dq = at::zeros({s.B, s.Hq, s.Lq, s.D}, opts);
   at::Tensor dk_h = at::zeros({s.B, s.Hq, s.Lk, s.D}, opts);
@@ -228,7 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(ct, "atp_attention_bwd_cpu", [&] {
     attention_bwd_kernel<scalar_t>(doc, dlse.defined() ? dlse.data_ptr<scalar_t>() : nullptr, qc, kc,
                                    vc, kb.defined() ? kb.data_ptr<scalar_t>() : nullptr,
-                                   kb.defined() ? kb.stride(0) : 0, oc, lsec, dq, dk_h, dv_h, dbias_h,
+                                   kb.defined() ? kb.stride(0) : 0,
+                                   gb.defined() ? gb.data_ptr<scalar_t>() : nullptr,
+                                   gb.defined() ? gb.stride(0) : 0, oc, lsec, dq, dk_h, dv_h, dbias_h,
                                    causal, static_cast<scalar_t>(scale));
   });
   const int64_t group = s.Hq / s.Hkv;

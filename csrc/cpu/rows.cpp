@@ -134,7 +134,15 @@ ATP_INLINE void prob_row_impl(T* row, int64_t n_valid, int64_t n, T scale, const
 }
 
 template <typename T>
-ATP_INLINE void softmax_bwd_row_impl(const T* p, T* dp, int64_t n, T delta, T* d_bias) {
+ATP_INLINE void softmax_bwd_row_impl(const T* p, T* dp, int64_t n, T delta, T* d_bias, const T* p_bias) {
+  if (p_bias) {
+    for (int64_t c = 0; c < n; ++c) {
+      const T g = dp[c] - delta;
+      dp[c] = p[c] * g;
+      d_bias[c] += p_bias[c] * g;
+    }
+    return;
+  }
   for (int64_t c = 0; c < n; ++c) {
     const T ds = p[c] * (dp[c] - delta);
     dp[c] = ds;
@@ -199,11 +207,13 @@ void prob_row(double* row, int64_t n_valid, int64_t n, double scale, const doubl
   prob_row_impl(row, n_valid, n, scale, bias, lse);
 }
 
-ATP_CPU_CLONES void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias) {
-  softmax_bwd_row_impl(p, dp, n, delta, d_bias);
+ATP_CPU_CLONES void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias,
+                                     const float* p_bias) {
+  softmax_bwd_row_impl(p, dp, n, delta, d_bias, p_bias);
 }
-void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias) {
-  softmax_bwd_row_impl(p, dp, n, delta, d_bias);
+void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias,
+                     const double* p_bias) {
+  softmax_bwd_row_impl(p, dp, n, delta, d_bias, p_bias);
 }
 
 ATP_CPU_CLONES void dot_keys(const float* q, const float* k, int64_t stride, int64_t n, int64_t D,

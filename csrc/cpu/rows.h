@@ -20,9 +20,13 @@ double softmax_tile_row(double* row, int64_t n_valid, int64_t n, double scale, c
 void prob_row(float* row, int64_t n_valid, int64_t n, float scale, const float* bias, float lse);
 void prob_row(double* row, int64_t n_valid, int64_t n, double scale, const double* bias, double lse);
 
-// Softmax backward of one row: dp[c] = p[c] * (dp[c] - delta), and d_bias[c] += dp[c].
-void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias);
-void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias);
+// Softmax backward of one row: dp[c] = p[c] * (dp[c] - delta), and d_bias[c] += that dS, or,
+// when p_bias is given, d_bias[c] += p_bias[c] * (dp[c] - delta) (the column sums of another
+// bias's probabilities: attention_bwd's grad_bias). p_bias may be null.
+void softmax_bwd_row(const float* p, float* dp, int64_t n, float delta, float* d_bias,
+                     const float* p_bias);
+void softmax_bwd_row(const double* p, double* dp, int64_t n, double delta, double* d_bias,
+                     const double* p_bias);
 
 // The two products of a short query tile (a few rows: decoding), for which a BLAS call costs more
 // than its arithmetic. Rows of k and v are `stride` elements apart, each D contiguous elements.

@@ -8,6 +8,11 @@
 //   dV = P^T dO, dK = scale dS^T Q, d key_bias_j = sum_i dS_ij     (attention_bwd_dkdv_kernel)
 //   dQ = scale dS K                                                  (attention_bwd_dq_kernel)
 //
+// With p.grad_bias, d key_bias_j = sum_i exp(scale q_i.k_j + grad_bias_j - lse_i) (dP_ij - delta_i)
+// instead (the key mask's gradient, attention_params.h); dQ, dK, dV are unchanged. No key tile
+// is skipped for being masked in key_bias (only causal masking skips work), so keys at -inf in
+// key_bias but finite in grad_bias get their sums.
+//
 // dK, dV and d key_bias are produced per query head into float32 buffers and summed over the
 // GQA group on the host, as the CPU implementation does. A row with lse = -inf (no finite
 // logit) is given lse = +inf here, so its P is exp(x - inf) = 0 and it contributes nothing.
@@ -43,7 +48,8 @@ struct BwdTraits {
   static constexpr int kA_Lse = kA_dS + align128(kKeysA * kLdPA * 2);
   static constexpr int kA_Delta = kA_Lse + align128(kRowsA * 4);
   static constexpr int kA_Bias = kA_Delta + align128(kRowsA * 4);
-  static constexpr int kSmemA = kA_Bias + align128(kKeysA * 4);
+  static constexpr int kA_GradBias = kA_Bias + align128(kKeysA * 4);
+  static constexpr int kSmemA = kA_GradBias + align128(kKeysA * 4);
 
   // dQ kernel: a block owns kRowsB query rows (16 per warp) and walks key tiles of kKeysB.
   static constexpr int kRowsB = 16 * kWarps;
@@ -131,6 +137,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   float* sLse = reinterpret_cast<float*>(smem + Tr::kA_Lse);  // [kRows]
   float* sDelta = reinterpret_cast<float*>(smem + Tr::kA_Delta);  // [kRows]
   float* sBias = reinterpret_cast<float*>(smem + Tr::kA_Bias);    // [kKeys]
+  float* sGradBias = reinterpret_cast<float*>(smem + Tr::kA_GradBias);  // [kKeys], with grad_bias
 
   const int j0 = blockIdx.x * kKeys, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.Hq / p.Hkv);
@@ -143,12 +150,14 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   const float* lse = p.lse + bh * p.Lq;
   const float* delta = p.delta + bh * p.Lq;
   const float* bias = p.key_bias ? p.key_bias + b * p.bias_batch_stride : nullptr;
+  const float* grad_bias = p.grad_bias ? p.grad_bias + b * p.grad_bias_batch_stride : nullptr;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   load_tile<T, kKeys, kD, kLdT, kThreads>(sK, k, p.k_row_stride, j0, p.Lk);
   load_tile<T, kKeys, kD, kLdT, kThreads>(sV, v, p.v_row_stride, j0, p.Lk);
   for (int c = tid; c < kKeys; c += kThreads) {
     sBias[c] = j0 + c < p.Lk ? (bias ? bias[j0 + c] : 0.f) : kNegInf;
+    if (grad_bias) sGradBias[c] = j0 + c < p.Lk ? grad_bias[j0 + c] : kNegInf;
   }
 
   FragC dk[kD / 16], dv[kD / 16];
@@ -160,7 +169,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
   const int r = lane >> 1, half = lane & 1;  // this lane's key within the warp, column parity
   const int kr = warp * 16 + r;              // key within the block
   const int j = j0 + kr;
-  float dbias = 0.f;  // this lane's part of sum_i dS_ij
+  float dbias = 0.f;  // this lane's part of sum_i dS_ij (with grad_bias: of its own sums)
   float* sS_w = sS + warp * 16 * kLdS;
   float* sdP_w = sdP + warp * 16 * kLdS;
   T* sP_w = sP + warp * 16 * kLdP;
@@ -187,12 +196,17 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads)
     // P^T and dS^T = P^T * (dP^T - delta) for key j against query i0 + c.
     for (int c = half; c < kRows; c += 2) {
       const bool visible = !kCausal || j <= i0 + c + offset;
-      const float x = sS_w[r * kLdS + c] * p.scale + sBias[kr];
-      const float pr = visible ? __expf(x - sLse[c]) : 0.f;
-      const float ds = pr * (sdP_w[r * kLdS + c] - sDelta[c]);
+      const float s = sS_w[r * kLdS + c] * p.scale;
+      const float pr = visible ? __expf(s + sBias[kr] - sLse[c]) : 0.f;
+      const float g = sdP_w[r * kLdS + c] - sDelta[c];
+      const float ds = pr * g;
       sP_w[r * kLdP + c] = from_float<T>(pr);
       sdS_w[r * kLdP + c] = from_float<T>(ds);
-      dbias += ds;
+      if (p.grad_bias) {  // uniform across the grid
+        dbias += (visible ? __expf(s + sGradBias[kr] - sLse[c]) : 0.f) * g;
+      } else {
+        dbias += ds;
+      }
     }
     __syncwarp();  // P^T and dS^T are visible to the whole warp
 

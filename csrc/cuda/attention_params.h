@@ -47,6 +47,11 @@ struct AttentionBwdParams : AttentionParams {
   float* dk_accum;     // [B, Hq, Lk, D] contiguous, dK per query head (summed over GQA on host)
   float* dv_accum;     // [B, Hq, Lk, D] contiguous, dV per query head
   float* dbias_accum;  // [B, Hq, Lk] contiguous, column sums of dS per query head
+  // [B, Lk] float32 (row stride grad_bias_batch_stride), or nullptr. When given, dbias_accum
+  // sums exp(s_ij + grad_bias_j - lse_i) (dP_ij - delta_i) instead of dS_ij: the gradient with
+  // respect to a key mask M when key_bias = grad_bias + log M (defined at M = 0 too).
+  const float* grad_bias;
+  int64_t grad_bias_batch_stride;
 };
 
 // atp_scores' s_cross (DESIGN §3.2, Eq. 4).

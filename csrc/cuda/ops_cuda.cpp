@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cuda/launch.h"
+#include "ops.h"
 #include "scores_host.h"
 #include "soft_mask_host.h"
 
@@ -166,10 +167,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_bias,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, bool /*deterministic*/,
+    const c10::optional<at::Tensor>& grad_bias) {
   const char* op = "atp_attention backward";
   const BelowAutograd below_autograd;
   const AttentionShape s = check_attention_inputs(op, q, k, v, key_bias);
+  if (grad_bias) check_key_bias(op, "grad_bias", *grad_bias, q, s);
   const cuda::AttnDtype dtype = attention_dtype(op, q);
   check_attention_cuda_shape(op, s);
   check_same_shape(op, "grad_out", grad_out, q.sizes(), "(B, Hq, Lq, D)", q);
@@ -191,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor qc = as_tile_loadable(q), kc = as_tile_loadable(k), vc = as_tile_loadable(v);
     const at::Tensor doc = as_tile_loadable(grad_out), oc = as_tile_loadable(out);
     const at::Tensor kb = bias_rows(key_bias);
+    const at::Tensor gb = bias_rows(grad_bias);
     const at::Tensor lsec = lse.contiguous();
     const at::Tensor dlse = grad_lse ? grad_lse->contiguous() : at::Tensor();
     cuda::AttentionBwdParams p{};
@@ -206,6 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     p.dk_accum = dk_h.data_ptr<float>();
     p.dv_accum = dv_h.data_ptr<float>();
     p.dbias_accum = dbias_h.data_ptr<float>();
+    p.grad_bias = gb.defined() ? gb.data_ptr<float>() : nullptr;
+    p.grad_bias_batch_stride = gb.defined() ? gb.stride(0) : 0;
     cuda::attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -286,5 +292,6 @@ TORCH_LIBRARY_IMPL(atp_ops, CUDA, m) {
   m.impl("soft_mask_bwd", &atp::soft_mask_bwd_cuda);
   m.impl("attention_fwd", &atp::attention_fwd_cuda);
   m.impl("attention_bwd", &atp::attention_bwd_cuda);
+  m.impl("key_mask_bias", &atp::key_mask_bias);  // ATen ops only: the CPU entry runs on CUDA too
   m.impl("scores", &atp::scores_cuda);
 }

@@ -65,7 +65,7 @@ def fwd(q, k, v, bias, causal, scale, splits=1):
     return out, lse
 
 
-def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale):
+def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v, do, out = map(loadable, (q, k, v, do, out))
@@ -80,7 +80,8 @@ def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale):
     lib.emu_bwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(do), strides(do), ptr(out), strides(out), ptr(lse), ptr(dlse),
-                ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(db))
+                ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(db), ptr(grad_bias),
+                L(grad_bias.stride(0) if grad_bias is not None else 0))
     g = Hq // Hkv
     dk = dk.view(B, Hkv, g, Lk, D).sum(2)
     dv = dv.view(B, Hkv, g, Lk, D).sum(2)
@@ -206,6 +207,54 @@ def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do
     return ok
 
 
+def mask_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, with_bias=True, seed=0):
+    """atp_attention with key_mask as ops.py runs it: the forward on key_bias + log M, the
+    backward with grad_bias = key_bias (0 without one), whose d key_bias output is d key_mask.
+    M holds exact zeros (sample 0: keys 64..191, two whole key tiles of the dK/dV kernel and
+    more of the dQ kernel's); compared with autograd through the reference's product form,
+    exact at M = 0. d key_bias = M * d key_mask."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, l, D, generator=g).to(dtype) for h, l in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    bias = None
+    if with_bias:
+        bias = torch.randn(B, Lk, generator=g)
+        bias[torch.rand(B, Lk, generator=g) < 0.2] = float("-inf")
+        bias[:, 0] = 0.0
+    m = torch.rand(B, Lk, generator=g)
+    m[torch.rand(B, Lk, generator=g) < 0.3] = 0.0
+    m[0, 64:192] = 0.0
+    m[:, 0] = 1.0
+    comb = torch.log(m) if bias is None else bias + torch.log(m)
+    grad_bias = bias if bias is not None else torch.zeros(B, Lk)
+    scale = D ** -0.5
+    print(f"--- key_mask B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal} bias={with_bias}")
+    out, lse = fwd(q, k, v, comb, causal, scale)
+    do = torch.randn(out.shape, generator=g).to(dtype)
+    dlse = torch.randn(lse.shape, generator=g)
+    dq, dk, dv, dm = bwd(do, dlse, q, k, v, comb, out, lse, causal, scale, grad_bias)
+
+    def grads(upcast):
+        ins = [(t.float() if upcast else t).clone().requires_grad_(True) for t in (q, k, v)]
+        rb = bias.clone().requires_grad_(True) if bias is not None else None
+        rm = m.clone().requires_grad_(True)
+        o, l = reference.attention_ref(*ins, rb, key_mask=rm, causal=causal, scale=scale, return_lse=True,
+                                       upcast=upcast)
+        fl = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+        loss = (o * do.to(o.dtype)).float().sum() + (fl.float() * dlse).sum()
+        return (o,) + torch.autograd.grad(loss, [t for t in (*ins, rb, rm) if t is not None])
+
+    r, lp = grads(True), grads(False)
+    ok = err("out", out, r[0], lp[0])
+    ok &= err("dq", dq, r[1], lp[1]) & err("dk", dk, r[2], lp[2]) & err("dv", dv, r[3], lp[3])
+    ok &= err("d_key_mask", dm, r[-1], lp[-1])
+    if bias is not None:
+        ok &= err("d_key_bias", m * dm, r[4], lp[4])
+    zero = (m == 0) & (torch.isfinite(bias) if bias is not None else True)
+    nonzero_at_zero = dm[zero].abs().sum().item() > 0
+    print(("OK   " if nonzero_at_zero else "FAIL ") + "keys at M = 0 get a gradient")
+    return ok & nonzero_at_zero
+
+
 def cross_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
@@ -245,6 +294,10 @@ ALL += [
     partial(case, 1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4),
     partial(cross_case, 1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5),
     partial(cross_case, 3, 2, 1, 40, 90, 64, torch.float16, True, seed=6),  # sample 2: no rows
+    partial(mask_case, 2, 4, 2, 70, 300, 64, torch.float16, True),
+    partial(mask_case, 2, 2, 1, 100, 200, 128, torch.bfloat16, False, seed=1),
+    partial(mask_case, 1, 2, 2, 33, 257, 64, torch.bfloat16, False, with_bias=False, seed=2),
+    partial(mask_case, 2, 2, 2, 150, 90, 128, torch.float16, True, seed=3),  # Lq > Lk: rows that see nothing
     partial(soft_mask_case, 3, 576, torch.float32, False),
     partial(soft_mask_case, 2, 2500, torch.float64, True, seed=1),  # several forward blocks per row
     partial(soft_mask_case, 4, 100, torch.float32, True, seed=2),   # fewer tokens than threads

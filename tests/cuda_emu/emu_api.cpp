@@ -36,7 +36,8 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
                         const int64_t* vs, const float* bias, int64_t bias_stride, float scale,
                         int causal, const void* dout, const int64_t* dos, const void* out,
                         const int64_t* os, const float* lse, const float* dlse, float* delta,
-                        void* dq, float* dk, float* dv, float* dbias) {
+                        void* dq, float* dk, float* dv, float* dbias, const float* grad_bias,
+                        int64_t grad_bias_stride) {
   AttentionBwdParams p{};
   fill(p, B, Hq, Hkv, Lq, Lk, D, q, qs, k, ks, v, vs, bias, bias_stride, scale, causal);
   p.dout = dout; p.out = out;
@@ -44,6 +45,7 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
   p.out_batch_stride = os[0]; p.out_head_stride = os[1]; p.out_row_stride = os[2];
   p.lse = lse; p.dlse = dlse; p.delta = delta; p.dq = dq; p.dk_accum = dk; p.dv_accum = dv;
   p.dbias_accum = dbias;
+  p.grad_bias = grad_bias; p.grad_bias_batch_stride = grad_bias_stride;
   if (dtype == 0 && D == 64) run_attention_bwd<__half, 64>(p, nullptr);
   if (dtype == 0 && D == 128) run_attention_bwd<__half, 128>(p, nullptr);
   if (dtype == 1 && D == 64) run_attention_bwd<__nv_bfloat16, 64>(p, nullptr);

@@ -13,9 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["ATPConfig", "MODES"]
+__all__ = ["ATPConfig", "MODES", "MLP_INPUTS", "BUDGETS", "TARGET_LOSSES"]
 
 MODES = ("adaptive", "fixed", "fastv")
+MLP_INPUTS = ("normalized", "raw")
+BUDGETS = ("hard", "soft")
+TARGET_LOSSES = ("huber", "l1")
 
 
 @dataclass
@@ -25,6 +28,7 @@ class ATPConfig:
     Attributes:
         layers: ATP layer indexes, increasing; ATP at ``l`` prunes before decoder layer ``l``
             using the attention of layer ``l - 1``. LLaVA-1.5 in the paper: (4, 14, 24).
+            None: ``default_layers(num_hidden_layers)``, filled in by ``apply_atp``.
         target_tokens: N_target of Eq. 13, vision tokens per image averaged over all decoder
             layers (the paper's "Token" column, e.g. 144).
         temperature: T of Eq. 9-10.
@@ -71,9 +75,30 @@ class ATPConfig:
         rope_2d_section: rotary frequencies (head_dim / 2 in all) of the (t, row, col)
             sections; None = Qwen2-VL's proportions (1/4, 3/8, 3/8), e.g. (16, 24, 24) at
             head_dim 128.
+
+    Options that depart from the paper (each switchable back; README "Training that learns
+    adaptive budgets" gives the reasons and the experiment that ablates them):
+        mlp_inputs: what the threshold MLP sees. "normalized": S_self and S_cross each min-max
+            normalised to [0, 1] over the image's kept tokens (pruned positions 0), so its input
+            scale does not depend on the LM (raw logits of a trained LM are ~150x those of a
+            random one); "raw": the scores as they are (the paper).
+        budget: which token count the budget losses see. "hard": straight-through masks in
+            training: the forward uses the hard 0/1 masks inference uses (keys multiplied by
+            M in {0, 1} through atp_attention's ``key_mask``), the backward the sigmoid
+            relaxation of Eq. 9-10, so the counts of Eq. 12-13 are exactly the tokens
+            inference keeps; "soft": the soft masks of Eq. 9-11 in the softmax and their soft
+            counts (the paper).
+        min_keep: every image keeps at least this many tokens at each ATP layer under hard
+            masks (the best ones by S_red among those still kept), so a threshold at or above
+            every score cannot silently prune an image away; 0 = no floor (the paper).
+        target_loss: "huber": ``L_target`` is the Huber loss of N_bar - N_target with
+            ``target_delta`` tokens of quadratic zone (the gradient of L1 away from the target,
+            a vanishing one at it, so Adam settles instead of oscillating); "l1":
+            ``|N_bar - N_target|`` (the paper).
+        target_delta: the Huber zone of ``target_loss="huber"``, in tokens.
     """
 
-    layers: Tuple[int, ...] = (4, 14, 24)
+    layers: Optional[Tuple[int, ...]] = None
     target_tokens: float = 144.0
     temperature: float = 10.0
     lambda_atp: float = 0.05
@@ -92,16 +117,13 @@ class ATPConfig:
     theta_override: Optional[Tuple[float, float]] = None
     rope_2d: bool = False
     rope_2d_section: Optional[Tuple[int, int, int]] = None
+    mlp_inputs: str = "normalized"
+    budget: str = "hard"
+    min_keep: int = 1
+    target_loss: str = "huber"
+    target_delta: float = 8.0
 
     def __post_init__(self):
-        self.layers = tuple(int(x) for x in self.layers)
-        if not self.layers:
-            raise ValueError("ATPConfig.layers must name at least one ATP layer")
-        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
-            raise ValueError(f"ATPConfig.layers must be strictly increasing, got {self.layers}")
-        if self.layers[0] < 1:
-            raise ValueError(f"ATPConfig.layers: ATP at layer l uses layer l-1's attention, so l >= 1; "
-                             f"got {self.layers}")
         if self.mode not in MODES:
             raise ValueError(f"ATPConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.strides is not None:
@@ -111,14 +133,14 @@ class ATPConfig:
             if len(self.image_grid) != 2:
                 raise ValueError(f"ATPConfig.image_grid must be (H, W), got {self.image_grid}")
         if self.mode != "adaptive":
-            if self.fixed_keep is None or len(self.fixed_keep) != len(self.layers):
-                raise ValueError("ATPConfig.fixed_keep must give one kept-token count per ATP layer in "
-                                 f"mode={self.mode!r}; layers={self.layers}, fixed_keep={self.fixed_keep}")
+            if self.fixed_keep is None:
+                raise ValueError(f"ATPConfig.fixed_keep must give one kept-token count per ATP layer in "
+                                 f"mode={self.mode!r}")
             self.fixed_keep = tuple(int(x) for x in self.fixed_keep)
             if min(self.fixed_keep) < 0:
                 raise ValueError(f"ATPConfig.fixed_keep must be >= 0, got {self.fixed_keep}")
-        if self.mode == "fastv" and len(self.layers) != 1:
-            raise ValueError(f"ATPConfig: mode='fastv' prunes at one layer, got layers={self.layers}")
+        if self.layers is not None:
+            self._check_layers()
         if self.theta_override is not None:
             self.theta_override = tuple(float(x) for x in self.theta_override)
         if self.rope_2d_section is not None:
@@ -126,10 +148,53 @@ class ATPConfig:
             if len(self.rope_2d_section) != 3 or min(self.rope_2d_section) < 1:
                 raise ValueError(f"ATPConfig.rope_2d_section must be three positive sizes (t, row, col), "
                                  f"got {self.rope_2d_section}")
+        for name, allowed in (("mlp_inputs", MLP_INPUTS), ("budget", BUDGETS), ("target_loss", TARGET_LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ATPConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.min_keep = int(self.min_keep)
+        if self.min_keep < 0:
+            raise ValueError(f"ATPConfig.min_keep must be >= 0, got {self.min_keep}")
+        if self.target_delta <= 0:
+            raise ValueError(f"ATPConfig.target_delta must be > 0, got {self.target_delta}")
         if self.temperature <= 0:
             raise ValueError(f"ATPConfig.temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.init_threshold < 1.0:
             raise ValueError(f"ATPConfig.init_threshold must lie in (0, 1), got {self.init_threshold}")
+
+    def _check_layers(self) -> None:
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers:
+            raise ValueError("ATPConfig.layers must name at least one ATP layer")
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ValueError(f"ATPConfig.layers must be strictly increasing, got {self.layers}")
+        if self.layers[0] < 1:
+            raise ValueError(f"ATPConfig.layers: ATP at layer l uses layer l-1's attention, so l >= 1; "
+                             f"got {self.layers}")
+        if self.fixed_keep is not None and self.mode != "adaptive" and len(self.fixed_keep) != len(self.layers):
+            raise ValueError("ATPConfig.fixed_keep must give one kept-token count per ATP layer in "
+                             f"mode={self.mode!r}; layers={self.layers}, fixed_keep={self.fixed_keep}")
+        if self.mode == "fastv" and len(self.layers) != 1:
+            raise ValueError(f"ATPConfig: mode='fastv' prunes at one layer, got layers={self.layers}")
+
+    def for_depth(self, num_layers: int) -> "ATPConfig":
+        """This config with ``layers`` filled in for a decoder of ``num_layers`` layers (itself if set)."""
+        if self.layers is not None:
+            return self
+        return dataclasses.replace(self, layers=self.default_layers(num_layers))
+
+    @staticmethod
+    def default_layers(num_layers: int) -> Tuple[int, ...]:
+        """ATP layers for a decoder of ``num_layers`` layers at the paper's relative depths
+        (4, 14, 24 of LLaVA-1.5's 32): 1/8, 7/16 and 3/4 of the depth, each at least 1 and
+        strictly increasing, fewer where the decoder is too shallow (1 -> none is possible)."""
+        if num_layers < 2:
+            raise ValueError(f"ATPConfig.default_layers: ATP needs at least 2 decoder layers, got {num_layers}")
+        layers = []
+        for frac in (4 / 32, 14 / 32, 24 / 32):
+            layer = max(int(round(frac * num_layers)), layers[-1] + 1 if layers else 1)
+            if layer < num_layers:
+                layers.append(layer)
+        return tuple(layers)
 
     @staticmethod
     def score_layer(atp_layer: int) -> int:

@@ -5,6 +5,7 @@ metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fr
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional, Union
 
@@ -16,7 +17,9 @@ __all__ = ["save_atp", "load_atp", "read_atp_config"]
 
 _CONFIG_KEY = "atp_config"
 _FORMAT_KEY = "format"
-_FORMAT = "atp_llava/1"
+_FORMAT = "atp_llava/2"
+# Files of format 1 predate these ATPConfig fields; they were trained with the paper's choices.
+_FORMAT_1_DEFAULTS = {"mlp_inputs": "raw", "budget": "soft", "min_keep": 0, "target_loss": "l1"}
 
 
 def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -36,9 +39,13 @@ def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get(_FORMAT_KEY) != _FORMAT or _CONFIG_KEY not in meta:
-        raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {meta.get(_FORMAT_KEY)!r})")
-    return ATPConfig.from_json(meta[_CONFIG_KEY])
+    fmt = meta.get(_FORMAT_KEY)
+    if fmt not in (_FORMAT, "atp_llava/1") or _CONFIG_KEY not in meta:
+        raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {fmt!r})")
+    fields = json.loads(meta[_CONFIG_KEY])
+    if fmt == "atp_llava/1":
+        fields = {**_FORMAT_1_DEFAULTS, **fields}
+    return ATPConfig.from_dict(fields)
 
 
 def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[ATPConfig] = None,

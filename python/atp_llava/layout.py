@@ -114,14 +114,13 @@ class VisionLayout:
                    image_slot=image_slot, image_pos=image_pos, text_rows=text_rows,
                    images_per_sample=images_per_sample, slot_images=slot_images)
 
-    def scatter_bias(self, img_bias: torch.Tensor) -> torch.Tensor:
-        """The (B, L) key bias: ``pad_bias`` with the image positions replaced by ``img_bias``
-        (I, N). Differentiable in img_bias."""
+    def scatter(self, img_values: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """(B, L): ``base`` (B, L) with the image positions replaced by ``img_values`` (I, N), e.g.
+        the key bias from ``pad_bias`` and the images' log masks. Differentiable in img_values."""
         if self.num_images == 0:
-            return self.pad_bias
+            return base
         rows = self.image_sample[:, None].expand_as(self.image_pos)
-        return self.pad_bias.index_put((rows.reshape(-1), self.image_pos.reshape(-1)),
-                                       img_bias.reshape(-1).to(self.pad_bias.dtype))
+        return base.index_put((rows.reshape(-1), self.image_pos.reshape(-1)), img_values.reshape(-1).to(base.dtype))
 
     def per_sample_mean(self, per_image: torch.Tensor) -> torch.Tensor:
         """(I, ...) -> (B, ...): mean over each sample's images (0 for samples without one)."""

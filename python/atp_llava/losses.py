@@ -1,19 +1,22 @@
 """Budget losses of ATP-LLaVA (paper Eq. 12-14, DESIGN §3.5) and the token accounting behind them.
 
-Token counts are soft: the number of tokens an image keeps after an ATP layer is the sum of its
-cumulative mask ``exp(key_bias)`` over its vision tokens (a token pruned early stays pruned, so
-the cumulative mask is what "remaining tokens" means). All counts are per image; a sample with
-several images counts the mean over its images, so ``target_tokens`` means tokens per image.
+The number of tokens an image keeps after an ATP layer is the sum of its cumulative mask over
+its vision tokens (a token pruned early stays pruned, so the cumulative mask is what "remaining
+tokens" means): with ATPConfig.budget "hard" the straight-through mask, whose value is the hard
+count inference keeps; with "soft" (the paper) ``exp(key_bias)`` of the soft masks. All counts
+are per image; a sample with several images counts the mean over its images, so
+``target_tokens`` means tokens per image (per sample when each sample has one image).
 """
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .layout import VisionLayout
 
-__all__ = ["tokens_per_layer", "atp_losses"]
+__all__ = ["tokens_per_layer", "atp_losses", "target_loss", "min_reachable_tokens"]
 
 
 def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int, n_grid: int) -> torch.Tensor:
@@ -33,18 +36,30 @@ def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: 
     return torch.stack(cols, dim=1)
 
 
-def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int,
-               target_tokens: float) -> Dict[str, torch.Tensor]:
-    """L_ATP (Eq. 12), N_bar and L_target (Eq. 13) of one batch.
+def target_loss(n_bar: torch.Tensor, target_tokens: float, kind: str = "l1", delta: float = 8.0) -> torch.Tensor:
+    """L_target of Eq. 13: ``|n_bar - target|`` ("l1", the paper) or its Huber-smoothed form
+    ("huber": ``0.5 x^2 / delta`` within ``delta`` tokens of the target, ``|x| - delta / 2``
+    beyond, i.e. the same unit gradient as L1 away from the target and one that vanishes at it,
+    so an Adam-driven threshold settles on the target instead of oscillating around it)."""
+    if kind == "l1":
+        return (n_bar - target_tokens).abs()
+    if kind == "huber":
+        return F.smooth_l1_loss(n_bar, n_bar.new_tensor(float(target_tokens)), beta=float(delta))
+    raise ValueError(f"target_loss: kind must be 'l1' or 'huber', got {kind!r}")
 
-    kept: (B, K) soft tokens per image kept after each ATP layer (per-sample mean over images).
+
+def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int,
+               target_tokens: float, target_kind: str = "l1", target_delta: float = 8.0) -> Dict[str, torch.Tensor]:
+    """L_ATP (Eq. 12), N_bar and L_target (Eq. 13, ``target_loss``) of one batch.
+
+    kept: (B, K) tokens per image kept after each ATP layer (per-sample mean over images).
     Samples without an image do not enter the averages.
 
     Returns a dict of tensors:
         loss_atp    () sum_k (kept_k / N_vis) * i_k, averaged over samples (N_vis = H * W)
         n_bar       (B,) vision tokens per decoder layer, averaged over the layers
         n_bar_batch () n_bar averaged over the batch (the paper's "Token" column)
-        loss_target () |n_bar_batch - target_tokens|
+        loss_target () target_loss(n_bar_batch, target_tokens, target_kind, target_delta)
         per_layer   (B, num_layers) tokens seen by each decoder layer
     """
     n_grid = layout.n_grid
@@ -61,6 +76,15 @@ def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[in
         "n_bar": n_bar,
         "n_bar_batch": n_bar_batch,
         # 0 (and no gradient) for a batch without images; torch.where keeps it free of a host sync
-        "loss_target": torch.where(has_image.any(), (n_bar_batch - target_tokens).abs(), n_bar_batch * 0.0),
+        "loss_target": torch.where(has_image.any(), target_loss(n_bar_batch, target_tokens, target_kind, target_delta),
+                                   n_bar_batch * 0.0),
         "per_layer": per_layer,
     }
+
+
+def min_reachable_tokens(atp_layers: Sequence[int], num_layers: int, n_grid: int, floor: int) -> float:
+    """The smallest N_bar (Eq. 13) ATP layers at ``atp_layers`` can reach: every decoder layer
+    before the first ATP layer sees all ``n_grid`` tokens, every later one at least ``floor``
+    (ATPConfig.min_keep) per image."""
+    first = atp_layers[0]
+    return (first * n_grid + (num_layers - first) * min(floor, n_grid)) / num_layers

@@ -34,6 +34,7 @@ windows, which it does not implement.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,7 +49,7 @@ from . import flash
 from .config import ATPConfig
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias
-from .losses import atp_losses
+from .losses import atp_losses, min_reachable_tokens
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
@@ -89,7 +90,7 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 # Per-forward state
 
 # Why a token survived an ATP layer with hard masks (atp_stats["keep_codes"]); a bit each.
-KEEP_REDUNDANT = 1  # S_red > theta_r (fixed mode: in the top k)
+KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed mode: in the top k)
 KEEP_SPATIAL = 2    # S_spatial > theta_s
 
 
@@ -97,15 +98,24 @@ KEEP_SPATIAL = 2    # S_spatial > theta_s
 class ATPState:
     """Everything one full forward pass of an ATP model carries between its layers.
 
-    bias_by_layer: decoder layer -> the key_bias it used, in the slots it ran on (read again by a
-        checkpoint replay, and kept for decoding against the cache). ``current_bias`` is what the
-        next layer that has not run yet will use.
-    img_bias: (I, N) cumulative log mask of every image's tokens (differentiable).
+    bias_by_layer: decoder layer -> the (key_bias, key_mask) it used, in the slots it ran on (read
+        again by a checkpoint replay; the bias is kept for decoding against the cache).
+        ``current_bias`` / ``current_mask`` are what the next layer that has not run yet will use.
+    img_bias: (I, N) cumulative log mask of every image's tokens (differentiable with soft masks;
+        0 / -inf with hard and straight-through ones).
+    img_keep: (I, N) bool, the tokens the hard masks keep so far (with soft masks: the tokens
+        they would keep, for the hard counts in atp_stats).
+    img_soft: (I, N) detached cumulative log soft mask (Eq. 9-11) along this forward.
+    img_mask: straight-through masks only (ATPConfig.budget "hard" in training): (I, N) cumulative
+        multiplicative mask, 0/1 in value with the sigmoid relaxation's gradient; the layers get
+        it as atp_attention's ``key_mask`` (``current_mask``), so its gradient exists at 0.
     prune: pruned tokens leave the sequence (inference); ``view`` is then the SeqView the
         layers from the last ATP layer on run on (None: all original positions), and
         ``position_embeddings`` / ``position_ids`` are the layers' rotary inputs gathered to it.
     captures: score layer -> detached (q, k, lse, key_bias, scale, causal) for the ATP step after it.
-    kept, theta_r, theta_s: one (I,) tensor per ATP layer run so far.
+    kept, theta_r, theta_s: one (I,) tensor per ATP layer run so far; ``kept`` is the count the
+        budget losses see (soft, straight-through or hard), ``kept_soft`` / ``kept_hard`` the
+        soft relaxation's and the hard masks' counts.
     keep_codes: hard masks only, one (I, N) uint8 tensor per ATP layer run so far: why each
         token survived that layer (KEEP_* bits; 0 = pruned there or before).
     """
@@ -115,22 +125,29 @@ class ATPState:
     prune: bool
     current_bias: torch.Tensor
     img_bias: torch.Tensor
+    img_keep: torch.Tensor
+    img_soft: torch.Tensor
     score_layers: Tuple[int, ...]
+    img_mask: Optional[torch.Tensor] = None
+    current_mask: Optional[torch.Tensor] = None
     view: Optional[SeqView] = None
     position_embeddings: Optional[Tuple[torch.Tensor, ...]] = None
     position_ids: Optional[torch.Tensor] = None
-    bias_by_layer: Dict[int, torch.Tensor] = field(default_factory=dict)
+    bias_by_layer: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict)
     captures: Dict[int, Tuple[torch.Tensor, ...]] = field(default_factory=dict)
     kept: List[torch.Tensor] = field(default_factory=list)
+    kept_soft: List[torch.Tensor] = field(default_factory=list)
+    kept_hard: List[torch.Tensor] = field(default_factory=list)
     keep_codes: List[torch.Tensor] = field(default_factory=list)
     theta_r: List[torch.Tensor] = field(default_factory=list)
     theta_s: List[torch.Tensor] = field(default_factory=list)
 
-    def bias_for_layer(self, layer_idx: int) -> torch.Tensor:
-        bias = self.bias_by_layer.get(layer_idx)
-        if bias is None:
-            bias = self.bias_by_layer[layer_idx] = self.current_bias
-        return bias
+    def bias_for_layer(self, layer_idx: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(key_bias, key_mask or None) of decoder layer ``layer_idx``."""
+        used = self.bias_by_layer.get(layer_idx)
+        if used is None:
+            used = self.bias_by_layer[layer_idx] = (self.current_bias, self.current_mask)
+        return used
 
 
 @dataclass
@@ -206,12 +223,13 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     layer_idx = module.layer_idx
     lq, lk = query.shape[2], key.shape[2]
+    key_mask = None
     if isinstance(state, ATPState):
-        key_bias = state.bias_for_layer(layer_idx)
+        key_bias, key_mask = state.bias_for_layer(layer_idx)
         if not lq == lk == key_bias.shape[1]:
             raise RuntimeError(f"atp attention: layer {layer_idx} got {lq} queries and {lk} keys, the ATP forward "
                                f"holds {key_bias.shape[1]} tokens there (a cache that was not empty?)")
-        if key_bias.requires_grad and not torch.is_grad_enabled():
+        if (key_bias.requires_grad or (key_mask is not None and key_mask.requires_grad)) and not torch.is_grad_enabled():
             # Only a reentrant checkpoint runs a layer without grad inside a forward that
             # builds the mask graph: the masks' gradient would be lost, or taken twice.
             raise RuntimeError("atp attention: reentrant gradient checkpointing is not supported; use "
@@ -228,13 +246,16 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     start = state.flash_start(layer_idx) if isinstance(state, DecodeState) else None
     if start is not None:
         return flash.decode_attention(state.cache.flash, query, key, value, start, scaling, causal), None
-    if key_bias is not None and query.dtype == torch.float64:
-        key_bias = key_bias.double()
-    out, lse = atp_ops.atp_attention(query, key, value, key_bias, causal=causal, scale=scaling,
+    if query.dtype == torch.float64:
+        key_bias = None if key_bias is None else key_bias.double()
+        key_mask = None if key_mask is None else key_mask.double()
+    out, lse = atp_ops.atp_attention(query, key, value, key_bias, key_mask=key_mask, causal=causal, scale=scaling,
                                      return_lse=True)
     if isinstance(state, ATPState) and layer_idx in state.score_layers and layer_idx not in state.captures:
-        state.captures[layer_idx] = (query.detach(), key.detach(), lse.detach(),
-                                     None if key_bias is None else key_bias.detach(), scaling, causal)
+        bias_used = None if key_bias is None else key_bias.detach()
+        if key_mask is not None:  # the bias the layer used, for S_cross (Eq. 4)
+            bias_used = key_mask.detach().log() if bias_used is None else bias_used + key_mask.detach().log()
+        state.captures[layer_idx] = (query.detach(), key.detach(), lse.detach(), bias_used, scaling, causal)
     return out.transpose(1, 2), None
 
 
@@ -317,10 +338,12 @@ class ATPController:
                             f"tokens), got {type(cache).__name__}")
         layout = VisionLayout.from_batch(input_ids, self.image_token_id, self.atp.n_grid,
                                          bound.get("attention_mask"), bound.get("labels"), self._prompt_len)
+        img_zeros = layout.pad_bias.new_zeros(layout.num_images, layout.n_grid)
+        straight_through = (not hard) and self.config.mode == "adaptive" and self.config.budget == "hard"
         self._active = self._pending = ATPState(
-            layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias,
-            img_bias=layout.pad_bias.new_zeros(layout.num_images, layout.n_grid),
-            score_layers=self.score_layers)
+            layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias, img_bias=img_zeros,
+            img_keep=torch.ones_like(img_zeros, dtype=torch.bool), img_soft=img_zeros,
+            img_mask=torch.ones_like(img_zeros) if straight_through else None, score_layers=self.score_layers)
 
     def _decode_state(self, module, cache, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor]) -> DecodeState:
@@ -387,12 +410,13 @@ class ATPController:
             cache = _output_cache(output)
             if cache is not None:
                 first = self.config.layers[0]
-                cached = CacheState(bias={j: state.bias_by_layer[j].detach() for j in range(first, self.num_layers)},
+                # hard masks: every layer's mask is in its key_bias (key_mask is None)
+                cached = CacheState(bias={j: state.bias_by_layer[j][0].detach() for j in range(first, self.num_layers)},
                                     batch=state.layout.batch, flash=self._flash_kernel(module))
                 if cached.flash is not None:
                     starts: Dict[int, Optional[torch.Tensor]] = {}  # the layers between two ATP layers
                     for j in cached.bias:                           # share one bias tensor: one sync each
-                        bias = state.bias_by_layer[j]
+                        bias = state.bias_by_layer[j][0]
                         if id(bias) not in starts:
                             starts[id(bias)] = flash.leftpad(bias.detach())
                         cached.start[j] = starts[id(bias)]
@@ -423,9 +447,13 @@ class ATPController:
         k = len(cfg.layers)
         if len(state.kept) != k:
             raise RuntimeError(f"ATP-LLaVA: {len(state.kept)} of {k} ATP layers ran in this forward")
-        kept_img = torch.stack(state.kept, 1) if lay.num_images else lay.pad_bias.new_zeros(0, k)
-        kept = lay.per_sample_mean(kept_img)
-        losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens)
+        def per_sample(counts: List[torch.Tensor]) -> torch.Tensor:  # (B, K) tokens per image
+            return lay.per_sample_mean(torch.stack(counts, 1) if lay.num_images else lay.pad_bias.new_zeros(0, k))
+
+        kept = per_sample(state.kept)
+        losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens, cfg.target_loss,
+                            cfg.target_delta)
+        kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
         extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
         if cfg.mode == "adaptive" and cfg.theta_override is None:
             # Every ATP parameter takes part in every step (a batch without images included),
@@ -434,6 +462,10 @@ class ATPController:
         stats: Dict[str, Any] = {
             "layers": cfg.layers,
             "tokens": kept.detach(),
+            "tokens_soft": kept_soft,
+            "tokens_hard": kept_hard,
+            "n_bar_soft": atp_losses(kept_soft, lay, cfg.layers, self.num_layers, cfg.target_tokens)["n_bar_batch"],
+            "n_bar_hard": atp_losses(kept_hard, lay, cfg.layers, self.num_layers, cfg.target_tokens)["n_bar_batch"],
             "tokens_per_layer": losses["per_layer"].detach(),
             "n_bar": losses["n_bar"].detach(),
             "n_bar_batch": losses["n_bar_batch"].detach(),
@@ -513,41 +545,57 @@ class ATPController:
         if capture is None:
             raise RuntimeError(f"ATP layer {layer}: decoder layer {score_layer} did not run with atp attention")
         if lay.num_images == 0:
-            state.kept.append(state.img_bias.new_zeros(0))
+            for counts in (state.kept, state.kept_soft, state.kept_hard):
+                counts.append(state.img_bias.new_zeros(0))
             if self.config.mode == "adaptive":
                 state.theta_r.append(state.img_bias.new_zeros(0))
                 state.theta_s.append(state.img_bias.new_zeros(0))
             return self._drop(state, hidden)
         q, k, lse, bias_used, scale, causal = capture
         prev = state.img_bias
-        kept = torch.isfinite(prev)
+        kept = torch.isfinite(prev)  # the tokens this forward still holds
         cfg = self.config
         cross_rows = lay.text_rows if cfg.mode != "fastv" else _last_rows(lay.text_rows)
         s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
         if cfg.mode == "adaptive":
-            s_self_in = torch.where(kept, s_self, torch.zeros_like(s_self))  # pruned positions hold 0 (§3.4)
-            s_cross_in = torch.where(kept, s_cross, torch.zeros_like(s_cross))
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
-            theta_r, theta_s = self.atp.thresholds(layer, s_self_in, s_cross_in)
+            theta_r, theta_s = self.atp.thresholds(layer, s_self, s_cross, kept)
             s_spatial = self.atp.s_spatial.to(s_red.device)
+            soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature)  # log M, Eq. 9-11
+            by_red = (s_red > theta_r[:, None]) | self._top_k(s_red, state.img_keep, cfg.min_keep)
+            by_spatial = s_spatial > theta_s[:, None]
+            keep = (by_red | by_spatial) & state.img_keep
             if state.hard:
-                new = atp_ops.atp_hard_mask(s_red, s_spatial, theta_r, theta_s, prev)
-                by_red = (s_red > theta_r[:, None]) & kept
-                by_spatial = (s_spatial > theta_s[:, None]) & kept
-                state.keep_codes.append(by_red.to(torch.uint8) * KEEP_REDUNDANT
-                                        + by_spatial.to(torch.uint8) * KEEP_SPATIAL)
-            else:
+                state.keep_codes.append((by_red & keep).to(torch.uint8) * KEEP_REDUNDANT
+                                        + (by_spatial & keep).to(torch.uint8) * KEEP_SPATIAL)
+            if state.hard or state.img_mask is not None:
+                new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+            else:  # the paper's soft masks, accumulated in log space
                 new = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature, prev)
+            state.img_soft = state.img_soft + soft.detach()
             state.theta_r.append(theta_r)
             state.theta_s.append(theta_s)
         else:
             ranking = s_cross if cfg.mode == "fastv" else atp_ops.redundant_score(s_self, s_cross, kept)
-            new = self._fixed_mask(ranking, kept, prev, cfg.fixed_keep[cfg.layers.index(layer)])
+            keep = self._top_k(ranking, kept, cfg.fixed_keep[cfg.layers.index(layer)])
+            new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+            state.img_soft = new
             if state.hard:
-                state.keep_codes.append(torch.isfinite(new).to(torch.uint8) * KEEP_REDUNDANT)
+                state.keep_codes.append(keep.to(torch.uint8) * KEEP_REDUNDANT)
         state.img_bias = new
-        state.kept.append(new.exp().sum(-1))
-        state.current_bias = lay.scatter_bias(new)
+        state.img_keep = keep
+        state.kept_hard.append(keep.sum(-1).to(prev.dtype))
+        state.kept_soft.append(state.img_soft.exp().sum(-1))
+        if state.img_mask is not None:
+            # Straight-through (ATPConfig.budget "hard"): the value of the hard mask, the
+            # gradient of the soft one; the layers see it as a multiplicative key_mask.
+            m = soft.exp()
+            state.img_mask = state.img_mask * (m + (keep.to(m.dtype) - m).detach())
+            state.kept.append(state.img_mask.sum(-1))
+            state.current_mask = lay.scatter(state.img_mask, torch.ones_like(lay.pad_bias))
+        else:
+            state.kept.append(new.exp().sum(-1))
+            state.current_bias = lay.scatter(new, lay.pad_bias)
         return self._drop(state, hidden)
 
     @staticmethod
@@ -593,15 +641,15 @@ class ATPController:
         return s_self, s_cross
 
     @staticmethod
-    def _fixed_mask(s_red: torch.Tensor, kept: torch.Tensor, prev: torch.Tensor, keep: int) -> torch.Tensor:
-        """Paper Table 2 baseline (and FastV with S_cross as the ranking): keep the ``keep``
-        still-kept tokens with the highest score, -inf for the rest."""
-        ranked = torch.where(kept, s_red, torch.full_like(s_red, float("-inf")))
+    def _top_k(score: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+        """(I, N) bool: the ``k`` tokens with the highest ``score`` among each image's ``kept``
+        ones (all of them where fewer are kept). The fixed-ratio baseline's selection (paper
+        Table 2; FastV with S_cross as the score) and the hard masks' floor (ATPConfig.min_keep)."""
+        ranked = torch.where(kept, score, torch.full_like(score, float("-inf")))
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order))
-        keep_mask = (rank < keep) & kept
-        return torch.where(keep_mask, prev, torch.full_like(prev, float("-inf")))
+        return (rank < k) & kept
 
     # -- generate() ----------------------------------------------------------------------------
 
@@ -695,12 +743,24 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     lm = _language_model(model)
     text_config = model.config.text_config
     num_layers = text_config.num_hidden_layers
+    config = config.for_depth(num_layers)
     if config.layers[-1] >= num_layers:
         raise ValueError(f"apply_atp: ATP layers {config.layers} must be < num_hidden_layers = {num_layers}")
     if getattr(text_config, "attention_dropout", 0.0):
         raise ValueError("apply_atp: the text model's attention_dropout must be 0 (atp_attention has none)")
     grid = _image_grid(model, config)
+    if config.mode == "adaptive" and config.theta_override is None:
+        n_grid = grid[0] * grid[1]
+        floor = min_reachable_tokens(config.layers, num_layers, n_grid, config.min_keep)
+        if config.target_tokens < floor:
+            warnings.warn(f"apply_atp: target_tokens={config.target_tokens} is below the least N_bar ATP layers "
+                          f"{config.layers} of {num_layers} can reach ({floor:.1f}: layers before {config.layers[0]} "
+                          f"see all {n_grid} tokens, later ones at least min_keep={config.min_keep}); the budget "
+                          "loss will push every threshold to its limit", stacklevel=2)
 
+    # What remove_atp restores.
+    prev_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    prev_attn_implementation = text_config._attn_implementation
     register_attention()
     param = next(lm.parameters())
     atp = ATPModules(config, grid).to(device=param.device)
@@ -719,6 +779,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
         raise RuntimeError(f"apply_atp: could not set the text model's attention to {ATTN_IMPLEMENTATION!r}")
 
     ctrl = ATPController(model, atp, model.config.image_token_id, num_layers)
+    ctrl.prev_requires_grad, ctrl.prev_attn_implementation = prev_requires_grad, prev_attn_implementation
     ctrl.handles.append(model.register_forward_pre_hook(ctrl.model_pre_forward, with_kwargs=True))
     ctrl.handles.append(model.register_forward_hook(ctrl.model_post_forward, with_kwargs=True))
     ctrl.handles.append(lm.register_forward_pre_hook(ctrl.language_model_pre_forward, with_kwargs=True))
@@ -737,4 +798,27 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
         ctrl.handles.append(rotary.register_forward_hook(ctrl.rotary_post_forward, with_kwargs=True))
     object.__setattr__(model, "_atp_controller", ctrl)
     object.__setattr__(model, "generate", partial(ctrl.generate, model, model.generate))
+    return model
+
+
+def remove_atp(model: nn.Module) -> nn.Module:
+    """Undo ``apply_atp``, in place; returns the model, a stock LlavaForConditionalGeneration again.
+
+    Removes the hooks, ``model.atp`` (its weights go with it: ``save_atp`` first to keep them),
+    the ``generate`` wrapper and ``model.atp_report``, and restores the text model's attention
+    implementation and every parameter's ``requires_grad`` as they were before ``apply_atp``.
+    The model's outputs then equal a stock model's with the same weights, and ``apply_atp``
+    works on it again.
+    """
+    ctrl = get_atp_controller(model)
+    for handle in ctrl.handles:
+        handle.remove()
+    ctrl.handles.clear()
+    del model.atp
+    for name in ("_atp_controller", "generate", "atp_report"):  # instance attributes set by apply_atp / forwards
+        model.__dict__.pop(name, None)
+    model.set_attn_implementation({"text_config": ctrl.prev_attn_implementation})
+    for name, p in model.named_parameters():
+        if name in ctrl.prev_requires_grad:
+            p.requires_grad_(ctrl.prev_requires_grad[name])
     return model

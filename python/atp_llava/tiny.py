@@ -10,13 +10,15 @@ TINY_VOCAB = 128
 TINY_IMAGE_TOKEN = TINY_VOCAB - 1
 
 
-def tiny_llava(num_layers: int = 4, decoder: str = "llama", seed: int = 0, attn_implementation: str = "sdpa"):
-    """Random ``LlavaForConditionalGeneration``: CLIP vision tower with image_size 48, patch 2
-    (24 x 24 patches, CLS dropped), text model of hidden 64, 4 query heads, 2 KV heads (GQA),
-    ``num_layers`` layers; ``decoder`` is "llama" (LLaVA-1.5) or "qwen2"."""
+def tiny_llava(num_layers: int = 4, decoder: str = "llama", seed: int = 0, attn_implementation: str = "sdpa",
+               image_size: int = 48):
+    """Random ``LlavaForConditionalGeneration``: CLIP vision tower with ``image_size`` 48, patch 2
+    (24 x 24 patches, CLS dropped, LLaVA-1.5's grid; 24 gives 12 x 12 for CPU experiments), text
+    model of hidden 64, 4 query heads, 2 KV heads (GQA), ``num_layers`` layers; ``decoder`` is
+    "llama" (LLaVA-1.5) or "qwen2"."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(image_size=48, patch_size=2, hidden_size=32, intermediate_size=64,
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=2, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=1, num_attention_heads=2, projection_dim=32)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,

@@ -9,14 +9,16 @@ from .io import load_atp, read_atp_config, save_atp
 from .layout import SeqView, VisionLayout
 from .losses import atp_losses, tokens_per_layer
 from .modules import ATPModules, ThresholdMLP
+from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
 from .patch import (ATTN_IMPLEMENTATION, KEEP_REDUNDANT, KEEP_SPATIAL, SUPPORTED_TRANSFORMERS, apply_atp,
-                    check_transformers_version, get_atp_controller)
+                    check_transformers_version, get_atp_controller, remove_atp)
 from .rope2d import positions_3d, rope_2d_cos_sin
 from .spatial import default_strides, spatial_score
 
 __all__ = [
     "ATPConfig",
     "apply_atp",
+    "remove_atp",
     "save_atp",
     "load_atp",
     "read_atp_config",
@@ -42,6 +44,9 @@ __all__ = [
     "check_transformers_version",
     "ATTN_IMPLEMENTATION",
     "SUPPORTED_TRANSFORMERS",
+    "param_groups",
+    "DEFAULT_LR_ATP",
+    "DEFAULT_LR_LM",
 ]
 
 # report.py and visualize.py are also scripts (python -m atp_llava.report / .visualize); importing

@@ -9,14 +9,16 @@ where ``input_ids`` already holds ``n_grid`` image tokens per image (k images) a
   for smoke tests of the whole pipeline on a tiny model, no tokenizer needed.
 * ``RecordsDataset``: a list of dicts or a local JSON/JSONL file of records
   ``{"image": path | [paths], "prompt": str, "answer": str}`` tokenized with a Hugging Face
-  tokenizer in the LLaVA-1.5 template. Images load from ``.pt``/``.npy`` arrays (C, H, W) or
-  (H, W, C), or any format PIL reads when PIL is installed.
+  tokenizer in the LLaVA-1.5 template, or pre-tokenised records
+  ``{"image": ..., "prompt_ids": [int], "answer_ids": [int]}`` that need no tokenizer. Images
+  load from ``.pt``/``.npy`` arrays (C, H, W) or (H, W, C), or any format PIL reads when PIL is
+  installed.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +39,20 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     Token ids: 1 bos, 2 eos, ``image_token_id`` for vision tokens, prompt words in
     [3, 3 + 64), answers ``answer_base + class``.
+
+    ``offset``: example ``i`` is example ``offset + i`` of the stream ``seed`` defines (same
+    class patterns), so ``SyntheticDataset(m, ..., offset=n)`` is a held-out split of ``n``
+    training examples.
     """
 
     def __init__(self, n: int, image_token_id: int, n_grid: int, image_size: int, vocab_size: int,
-                 max_images: int = 1, num_classes: int = 8, seed: int = 0):
+                 max_images: int = 1, num_classes: int = 8, seed: int = 0, offset: int = 0):
         if vocab_size < 3 + 64 + num_classes + 1:
             raise ValueError(f"SyntheticDataset: vocab_size {vocab_size} too small")
+        if offset < 0:
+            raise ValueError(f"SyntheticDataset: offset must be >= 0, got {offset}")
         self.n, self.image_token_id, self.n_grid, self.image_size = n, image_token_id, n_grid, image_size
-        self.max_images, self.num_classes, self.seed = max_images, num_classes, seed
+        self.max_images, self.num_classes, self.seed, self.offset = max_images, num_classes, seed, offset
         self.answer_base = 3 + 64
         g = torch.Generator().manual_seed(seed)
         self.patterns = torch.randn(num_classes, 3, image_size, image_size, generator=g)
@@ -55,7 +63,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + i)
         k = int(torch.randint(1, self.max_images + 1, (1,), generator=g))
         classes = torch.randint(0, self.num_classes, (k,), generator=g)
         pixels = self.patterns[classes] + 0.5 * torch.randn(k, 3, self.image_size, self.image_size, generator=g)
@@ -107,33 +115,60 @@ def _preprocess(image: torch.Tensor, size: int, mean: Sequence[float], std: Sequ
 
 
 class RecordsDataset(torch.utils.data.Dataset):
-    """Records ``{"image": path | [paths] | tensor, "prompt": str, "answer": str}`` from a list or
-    a local .json (a list) / .jsonl file, tokenized in the LLaVA-1.5 template::
+    """Records from a list or a local .json (a list) / .jsonl file, in one of two forms:
 
-        <bos> USER: <image>\\n{prompt} ASSISTANT: {answer}<eos>
+    * ``{"image": path | [paths] | tensor, "prompt": str, "answer": str}``, tokenized with
+      ``tokenizer`` in the LLaVA-1.5 template::
 
-    Each image placeholder becomes ``n_grid`` image tokens; several images give several
-    placeholders, newline-separated. Relative image paths resolve against the file's folder.
-    ``tokenizer`` is any Hugging Face tokenizer (``encode``, ``bos_token_id``, ``eos_token_id``).
+          <bos> USER: <image>\\n{prompt} ASSISTANT: {answer}<eos>
+
+      Each image placeholder becomes ``n_grid`` image tokens; several images give several
+      placeholders, newline-separated. ``tokenizer`` is any Hugging Face tokenizer (``encode``,
+      ``bos_token_id``, ``eos_token_id``).
+    * ``{"image": ..., "prompt_ids": [int], "answer_ids": [int]}``, pre-tokenised: used as they
+      are (bos, template and eos are the record's), no tokenizer needed. ``prompt_ids`` holds
+      ``image_token_id`` once per image where that image goes (expanded to ``n_grid`` tokens),
+      or already ``n_grid`` times per image.
+
+    Relative image paths resolve against the file's folder. ``vocab_size``: when given, token
+    ids at or above it are refused (a tokenizer that does not belong to the model).
     """
 
     def __init__(self, records: Union[str, os.PathLike, List[Dict[str, Any]]], tokenizer, image_token_id: int,
                  n_grid: int, image_size: int, image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD, template: str = LLAVA_TEMPLATE):
+                 image_std: Sequence[float] = CLIP_STD, template: str = LLAVA_TEMPLATE,
+                 vocab_size: Optional[int] = None):
         root = None
+        source = "records"
         if isinstance(records, (str, os.PathLike)):
-            path = os.fspath(records)
+            path = source = os.fspath(records)
             root = os.path.dirname(os.path.abspath(path))
             with open(path) as f:
                 records = ([json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl")
                            else json.load(f))
         for i, r in enumerate(records):
-            missing = {"image", "prompt", "answer"} - set(r)
-            if missing:
-                raise ValueError(f"RecordsDataset: record {i} lacks {sorted(missing)}")
+            if "image" not in r:
+                raise ValueError(f"RecordsDataset: record {i} of {source} lacks 'image'")
+            if {"prompt_ids", "answer_ids"} <= set(r):
+                for key in ("prompt_ids", "answer_ids"):
+                    if not all(isinstance(t, int) and t >= 0 for t in r[key]):
+                        raise ValueError(f"RecordsDataset: record {i} of {source}: {key} must be a list of "
+                                         "non-negative token ids")
+            elif {"prompt", "answer"} <= set(r):
+                if tokenizer is None:
+                    raise ValueError(
+                        f"RecordsDataset: record {i} of {source} has a text prompt and answer but there is no "
+                        "tokenizer: pass one (python -m atp_llava.train: --tokenizer PATH, any Hugging Face "
+                        "tokenizer directory, or --model with a checkpoint that has one), or pre-tokenise the "
+                        f"records as prompt_ids / answer_ids (lists of token ids, the image token "
+                        f"{image_token_id} once per image)")
+            else:
+                raise ValueError(f"RecordsDataset: record {i} of {source} needs 'prompt' and 'answer' (text) or "
+                                 f"'prompt_ids' and 'answer_ids' (token ids); it has {sorted(r)}")
         self.records, self.root, self.tokenizer = list(records), root, tokenizer
         self.image_token_id, self.n_grid, self.image_size = image_token_id, n_grid, image_size
         self.image_mean, self.image_std, self.template = tuple(image_mean), tuple(image_std), template
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return len(self.records)
@@ -146,13 +181,10 @@ class RecordsDataset(torch.utils.data.Dataset):
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        r = self.records[i]
-        images = r["image"] if isinstance(r["image"], (list, tuple)) else [r["image"]]
-        pixels = torch.stack([_preprocess(load_image(self._resolve(im)), self.image_size, self.image_mean,
-                                          self.image_std) for im in images])
+    def _tokenize(self, r: Dict[str, Any], num_images: int) -> Tuple[List[int], List[int]]:
+        """(prompt ids with n_grid image tokens per image, answer ids) of a text record."""
         marker = "\x00IMAGE\x00"
-        prompt = self.template.format(image="\n".join([marker] * len(images)), prompt=r["prompt"])
+        prompt = self.template.format(image="\n".join([marker] * num_images), prompt=r["prompt"])
         ids: List[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         pieces = prompt.split(marker)
         for j, piece in enumerate(pieces):
@@ -163,6 +195,38 @@ class RecordsDataset(torch.utils.data.Dataset):
         answer = self._encode(" " + r["answer"])
         if self.tokenizer.eos_token_id is not None:
             answer.append(self.tokenizer.eos_token_id)
+        return ids, answer
+
+    def _pretokenised(self, i: int, r: Dict[str, Any], num_images: int) -> Tuple[List[int], List[int]]:
+        prompt, answer = list(r["prompt_ids"]), list(r["answer_ids"])
+        count = prompt.count(self.image_token_id)
+        if count == num_images * self.n_grid:
+            return prompt, answer
+        if count != num_images:
+            raise ValueError(f"RecordsDataset: record {i}: prompt_ids holds the image token {self.image_token_id} "
+                             f"{count} times for {num_images} image(s): expected once per image (or "
+                             f"{self.n_grid} times per image)")
+        ids: List[int] = []
+        for t in prompt:
+            ids += [t] * self.n_grid if t == self.image_token_id else [t]
+        return ids, answer
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        r = self.records[i]
+        images = r["image"] if isinstance(r["image"], (list, tuple)) else [r["image"]]
+        pixels = torch.stack([_preprocess(load_image(self._resolve(im)), self.image_size, self.image_mean,
+                                          self.image_std) for im in images])
+        if "prompt_ids" in r and "answer_ids" in r:
+            ids, answer = self._pretokenised(i, r, len(images))
+        else:
+            ids, answer = self._tokenize(r, len(images))
+        if self.image_token_id in answer:
+            raise ValueError(f"RecordsDataset: record {i}: the answer holds the image token {self.image_token_id}")
+        if self.vocab_size is not None:
+            top = max(ids + answer)
+            if top >= self.vocab_size:
+                raise ValueError(f"RecordsDataset: record {i} has token id {top}, the model's vocabulary has "
+                                 f"{self.vocab_size}: the tokenizer does not belong to this model")
         return {"pixel_values": pixels, "input_ids": ids + answer, "labels": [IGNORE_INDEX] * len(ids) + answer}
 
 

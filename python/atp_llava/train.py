@@ -1,31 +1,45 @@
 """ATP-LLaVA training entry point.
 
-    python -m atp_llava.train --tiny --synthetic 64 --layers 1,2,3 --target-tokens 300 \\
-        --max-steps 30 --log-json run.jsonl --log-csv run.csv --save-atp atp.safetensors
-    python -m atp_llava.train --model llava-hf/llava-1.5-7b-hf --data records.json \\
-        --layers 4,14,24 --target-tokens 144 --train-lm --lr-atp 1e-4 --lr-lm 2e-5
+    python -m atp_llava.train --tiny --synthetic 64 --target-tokens 300 --max-steps 30 \\
+        --eval-synthetic 32 --log-json run.jsonl --log-csv run.csv --save-model run/
+    python -m atp_llava.train --model llava-hf/llava-1.5-7b-hf --data train.jsonl --eval-data val.jsonl \\
+        --target-tokens 144 --train-lm --epochs 1 --eval-every 500 --save-model atp-llava-7b/
 
-Logs one row per optimizer step (losses, N_bar, tokens and thresholds per ATP layer) as JSON
-lines and/or CSV. ``--nproc N`` runs N processes with DDP on this machine (gloo on CPU, nccl on
+Logs one row per optimizer step (losses, N_bar, the tokens the budget losses saw, the soft and
+hard token counts and the thresholds per ATP layer) as JSON lines and/or CSV. With an eval set
+(--eval-data / --eval-synthetic) a held-out pass in model.eval() (hard masks, real pruning) runs
+at the end and every --eval-every steps: answer accuracy and token statistics, one JSON line
+with "split": "eval" and a printed summary (``evaluate`` is the same pass as a function).
+--save-model DIR writes the stock LLaVA (save_pretrained) and DIR/atp.safetensors:
+``load_atp(LlavaForConditionalGeneration.from_pretrained(DIR), DIR + "/atp.safetensors")`` is the
+trained model. ``--nproc N`` runs N processes with DDP on this machine (gloo on CPU, nccl on
 CUDA); under ``torchrun`` the environment's rank and world size are used instead.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
-from .config import MODES, ATPConfig
+from .config import BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
 from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
-from .patch import apply_atp
+from .layout import IGNORE_INDEX
+from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
+from .patch import apply_atp, get_atp_controller
 
-__all__ = ["build_parser", "main", "train", "step_record"]
+__all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
+
+ATP_FILE = "atp.safetensors"  # the ATP weights inside a --save-model directory
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ATPConfig)}
 
 
 def _ints(s: Optional[str]) -> Optional[tuple]:
@@ -33,44 +47,89 @@ def _ints(s: Optional[str]) -> Optional[tuple]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atp_llava.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m atp_llava.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face LLaVA checkpoint (path or hub id)")
     src.add_argument("--tiny", action="store_true", help="a tiny random LLaVA (24x24 image grid), no download")
     p.add_argument("--tiny-layers", type=int, default=4, help="decoder layers of --tiny")
     p.add_argument("--tiny-decoder", default="llama", choices=("llama", "qwen2"))
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="records .json/.jsonl: {image, prompt, answer}")
-    data.add_argument("--synthetic", type=int, metavar="N", help="N synthetic examples")
-    p.add_argument("--max-images", type=int, default=1, help="--synthetic: up to this many images per prompt")
-    p.add_argument("--layers", default="4,14,24", help="ATP layer indexes, comma-separated")
-    p.add_argument("--target-tokens", type=float, default=144.0)
-    p.add_argument("--temperature", type=float, default=10.0)
-    p.add_argument("--lambda-atp", type=float, default=0.05)
-    p.add_argument("--lambda-target", type=float, default=0.2)
-    p.add_argument("--lambda-sample", type=float, default=3.0)
-    p.add_argument("--strides", default=None, help="spatial strides, comma-separated (default: all valid)")
-    p.add_argument("--mlp-width", type=int, default=256)
-    p.add_argument("--init-threshold", type=float, default=0.1)
-    p.add_argument("--mode", default="adaptive", choices=MODES)
-    p.add_argument("--fixed-keep", default=None, help="mode fixed: tokens kept after each ATP layer")
-    p.add_argument("--train-lm", action="store_true", help="train the LM too (default: frozen, ATP only)")
-    p.add_argument("--lr-atp", type=float, default=1e-4)
-    p.add_argument("--lr-lm", type=float, default=2e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="per process")
-    p.add_argument("--padding-side", default="right", choices=("left", "right"))
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder layers")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1, help="DDP processes to spawn on this machine")
-    p.add_argument("--log-json", default=None, help="write one JSON line per step here")
-    p.add_argument("--log-csv", default=None, help="write one CSV row per step here")
-    p.add_argument("--save-atp", default=None, help="save the ATP weights (safetensors) here at the end")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--tiny-image-size", type=int, default=None,
+                   help="image side of --tiny (patch 2; default: tiny_llava's, 48 = a 24 x 24 grid)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="Hugging Face tokenizer (directory or hub id) for text records (default: --model's); "
+                        "pre-tokenised records (prompt_ids / answer_ids) need none")
+
+    data = p.add_argument_group("data")
+    train_src = data.add_mutually_exclusive_group(required=True)
+    train_src.add_argument("--data", metavar="FILE",
+                           help="training records .json/.jsonl: {image, prompt, answer} (text, needs a tokenizer) or "
+                                "{image, prompt_ids, answer_ids} (token ids; the model's image token id once per "
+                                "image in prompt_ids)")
+    train_src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic training examples")
+    data.add_argument("--max-images", type=int, default=1, help="--synthetic: up to this many images per prompt")
+    eval_src = data.add_mutually_exclusive_group()
+    eval_src.add_argument("--eval-data", metavar="FILE", help="held-out records (the --data format) to evaluate on")
+    eval_src.add_argument("--eval-synthetic", type=int, metavar="N",
+                          help="N held-out synthetic examples (the ones after --synthetic's, same classes)")
+    data.add_argument("--eval-every", type=int, default=None, metavar="K",
+                      help="also evaluate every K optimizer steps (the end of training always is)")
+    data.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
+
+    atp = p.add_argument_group("ATP (ATPConfig)")
+    atp.add_argument("--layers", default=None,
+                     help="ATP layer indexes, comma-separated (default: ATPConfig.default_layers(num_hidden_layers), "
+                          "1/8, 7/16, 3/4 of the depth: 4,14,24 for 32 layers, 1,2,3 for --tiny's 4)")
+    atp.add_argument("--target-tokens", type=float, default=_DEFAULTS["target_tokens"],
+                     help="N_target, vision tokens per image averaged over decoder layers (Eq. 13)")
+    atp.add_argument("--temperature", type=float, default=_DEFAULTS["temperature"], help="T of Eq. 9-10")
+    atp.add_argument("--lambda-atp", type=float, default=_DEFAULTS["lambda_atp"], help="weight of L_ATP (Eq. 14)")
+    atp.add_argument("--lambda-target", type=float, default=_DEFAULTS["lambda_target"],
+                     help="weight of L_target (Eq. 14)")
+    atp.add_argument("--lambda-sample", type=float, default=_DEFAULTS["lambda_sample"], help="Eq. 5")
+    atp.add_argument("--strides", default=None, help="spatial strides, comma-separated (default: all valid)")
+    atp.add_argument("--mlp-width", type=int, default=_DEFAULTS["mlp_width"])
+    atp.add_argument("--init-threshold", type=float, default=_DEFAULTS["init_threshold"])
+    atp.add_argument("--mode", default=_DEFAULTS["mode"], choices=MODES)
+    atp.add_argument("--fixed-keep", default=None, help="mode fixed/fastv: tokens kept after each ATP layer")
+    atp.add_argument("--mlp-inputs", default=_DEFAULTS["mlp_inputs"], choices=MLP_INPUTS,
+                     help="threshold MLP inputs: min-max normalised scores, or raw (the paper)")
+    atp.add_argument("--budget", default=_DEFAULTS["budget"], choices=BUDGETS,
+                     help="token counts of the budget losses: straight-through hard masks, or soft (the paper)")
+    atp.add_argument("--min-keep", type=int, default=_DEFAULTS["min_keep"],
+                     help="tokens every image keeps at least at each ATP layer (hard masks; 0 = no floor)")
+    atp.add_argument("--target-loss", default=_DEFAULTS["target_loss"], choices=TARGET_LOSSES,
+                     help="L_target: Huber (see --target-delta) or L1 (the paper)")
+    atp.add_argument("--target-delta", type=float, default=_DEFAULTS["target_delta"],
+                     help="--target-loss huber: quadratic zone, in tokens")
+    atp.add_argument("--train-lm", action="store_true", help="train the LM too (default: frozen, ATP only)")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--lr-atp", type=float, default=DEFAULT_LR_ATP, help="learning rate of the ATP modules")
+    opt.add_argument("--lr-lm", type=float, default=DEFAULT_LR_LM,
+                     help="--train-lm: learning rate of the LLaVA weights")
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--epochs", type=int, default=1,
+                     help="passes over the training data; ignored when --max-steps is given")
+    opt.add_argument("--max-steps", type=int, default=None,
+                     help="exactly this many optimizer steps, over as many epochs as that takes (overrides --epochs)")
+    opt.add_argument("--batch-size", type=int, default=4, help="per process")
+    opt.add_argument("--padding-side", default="right", choices=("left", "right"))
+    opt.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder layers")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--nproc", type=int, default=1, help="DDP processes to spawn on this machine")
+    run.add_argument("--log-json", default=None,
+                     help="write one JSON line per step here (and one per evaluation, \"split\": \"eval\")")
+    run.add_argument("--log-csv", default=None, help="write one CSV row per training step here")
+    run.add_argument("--save-atp", default=None, help="save the ATP weights (safetensors) here at the end")
+    run.add_argument("--save-model", default=None, metavar="DIR",
+                     help="save the trained model here at the end: the stock LLaVA (save_pretrained, with the "
+                          f"trained LM under --train-lm) plus DIR/{ATP_FILE}, and the tokenizer if one was used")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 
@@ -79,66 +138,267 @@ def config_from_args(args: argparse.Namespace) -> ATPConfig:
                      lambda_atp=args.lambda_atp, lambda_target=args.lambda_target,
                      lambda_sample=args.lambda_sample, strides=_ints(args.strides), mlp_width=args.mlp_width,
                      init_threshold=args.init_threshold, mode=args.mode, fixed_keep=_ints(args.fixed_keep),
-                     train_lm=args.train_lm)
+                     train_lm=args.train_lm, mlp_inputs=args.mlp_inputs, budget=args.budget,
+                     min_keep=args.min_keep, target_loss=args.target_loss, target_delta=args.target_delta)
 
 
-def _load_model(args: argparse.Namespace, dtype: torch.dtype):
-    """(model, tokenizer or None)."""
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """parser.error for arguments that cannot mean anything (before any process starts)."""
+    for name in ("max_steps", "epochs", "batch_size", "eval_every", "eval_batch_size", "synthetic", "eval_synthetic"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_every is not None and args.eval_data is None and args.eval_synthetic is None:
+        parser.error("--eval-every needs an eval set: --eval-data FILE or --eval-synthetic N")
+    if args.mode != "adaptive" and args.layers is None:
+        parser.error(f"--mode {args.mode} needs --layers (one entry per --fixed-keep entry)")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if config.mode != "adaptive" and not config.train_lm:
+        parser.error(f"--mode {config.mode} has no ATP parameters to train; add --train-lm")
+
+
+def _load_model(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
     if args.tiny:
         from .tiny import tiny_llava
 
-        return tiny_llava(args.tiny_layers, decoder=args.tiny_decoder, seed=args.seed).to(dtype), None
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        size = {} if args.tiny_image_size is None else {"image_size": args.tiny_image_size}
+        return tiny_llava(args.tiny_layers, decoder=args.tiny_decoder, seed=args.seed, **size).to(dtype)
+    from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(args.model)
-
-
-def _dataset(args: argparse.Namespace, model, tokenizer, n_grid: int):
-    vc = model.config.vision_config
-    if args.synthetic is not None:
-        return SyntheticDataset(args.synthetic, model.config.image_token_id, n_grid, vc.image_size,
-                                model.config.text_config.vocab_size, max_images=args.max_images, seed=args.seed)
-    if tokenizer is None:
-        raise ValueError("--data needs a tokenizer: use --model with a checkpoint that has one")
-    return RecordsDataset(args.data, tokenizer, model.config.image_token_id, n_grid, vc.image_size)
+    return LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
 
 
-def step_record(step: int, epoch: int, out, lrs: Sequence[float], seconds: float) -> Dict[str, Any]:
-    """One log row: losses, N_bar, and per-ATP-layer batch means of tokens and thresholds."""
+def _load_tokenizer(args: argparse.Namespace):
+    """--tokenizer, else --model's tokenizer when records are read (None if it has none)."""
+    if args.tokenizer is None and (args.model is None or (args.data is None and args.eval_data is None)):
+        return None
+    from transformers import AutoTokenizer
+
+    if args.tokenizer is not None:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # a checkpoint without one: fine for pre-tokenised records
+        reason = str(e).strip().splitlines()[0][:160]
+        warnings.warn(f"--model {args.model}: no tokenizer loads ({type(e).__name__}: {reason}); text records "
+                      "need --tokenizer PATH", stacklevel=2)
+        return None
+
+
+def _dataset(args: argparse.Namespace, model: nn.Module, tokenizer, n_grid: int, split: str):
+    cfg = model.config
+    vc = cfg.vision_config
+    vocab = cfg.text_config.vocab_size
+    synthetic, records = (args.synthetic, args.data) if split == "train" else (args.eval_synthetic, args.eval_data)
+    if synthetic is not None:
+        offset = 0 if split == "train" else (args.synthetic or 0)
+        return SyntheticDataset(synthetic, cfg.image_token_id, n_grid, vc.image_size, vocab,
+                                max_images=args.max_images, seed=args.seed, offset=offset)
+    if records is None:
+        return None
+    return RecordsDataset(records, tokenizer, cfg.image_token_id, n_grid, vc.image_size, vocab_size=vocab)
+
+
+def _loader(dataset, batch_size: int, pad: Optional[int], padding_side: str, shuffle: bool = False,
+            sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=lambda b: collate(b, pad_token_id=0 if pad is None else pad, padding_side=padding_side))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _mean_rows(x: torch.Tensor, rows: torch.Tensor) -> float:
+    return float(x[rows].float().mean()) if bool(rows.any()) else 0.0
+
+
+def step_record(step: int, epoch: int, out, lrs: Union[Mapping[str, float], Sequence[float]],
+                seconds: float) -> Dict[str, Any]:
+    """One log row: losses, N_bar, and per-ATP-layer batch means (over samples with an image) of
+    the tokens the budget losses saw (``tokens_l{layer}``), the soft and hard counts
+    (``tokens_soft_l{layer}``, ``tokens_hard_l{layer}``) and the thresholds. ``lrs``: the
+    learning rate of each parameter group, by name (``lr_atp``, ``lr_lm``) or by position (``lr0``)."""
     st = out.atp_stats
-    rec: Dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(out.loss.detach()),
+    rec: Dict[str, Any] = {"split": "train", "step": step, "epoch": epoch, "loss": float(out.loss.detach()),
                            "loss_ntp": float(st["loss_ntp"]), "loss_atp": float(st["loss_atp"]),
-                           "loss_target": float(st["loss_target"]), "n_bar": float(st["n_bar_batch"]),
-                           "flops_ratio": float(st["flops"].sum() / st["flops_full"].sum()),
-                           "kv_ratio": float(st["kv_cache_bytes"].sum() / st["kv_cache_bytes_full"].sum()),
-                           "seconds": seconds}
+                           "loss_target": float(st["loss_target"]), "n_bar": float(st["n_bar_batch"])}
+    if "n_bar_hard" in st:
+        rec["n_bar_hard"] = float(st["n_bar_hard"])
+    rec["flops_ratio"] = float(st["flops"].sum() / st["flops_full"].sum())
+    rec["kv_ratio"] = float(st["kv_cache_bytes"].sum() / st["kv_cache_bytes_full"].sum())
+    rec["seconds"] = seconds
     has_image = st["images_per_sample"] > 0
     for k, layer in enumerate(st["layers"]):
-        rec[f"tokens_l{layer}"] = float(st["tokens"][has_image, k].mean()) if bool(has_image.any()) else 0.0
-        if "theta_r" in st:
-            rec[f"theta_r_l{layer}"] = float(st["theta_r"][has_image, k].mean()) if bool(has_image.any()) else 0.0
-            rec[f"theta_s_l{layer}"] = float(st["theta_s"][has_image, k].mean()) if bool(has_image.any()) else 0.0
-    for i, lr in enumerate(lrs):
-        rec[f"lr{i}"] = lr
+        for key in ("tokens", "tokens_soft", "tokens_hard", "theta_r", "theta_s"):
+            if st.get(key) is not None:
+                rec[f"{key}_l{layer}"] = _mean_rows(st[key][:, k], has_image)
+    named = ((f"lr_{n}", lr) for n, lr in lrs.items()) if isinstance(lrs, Mapping) else \
+        ((f"lr{i}", lr) for i, lr in enumerate(lrs))
+    rec.update(named)
     return rec
 
 
-def _param_groups(model, args):
-    atp = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("atp.")]
-    lm = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("atp.")]
-    groups = []
-    if atp:
-        groups.append({"params": atp, "lr": args.lr_atp})
-    if lm:
-        groups.append({"params": lm, "lr": args.lr_lm})
-    if not groups:
-        raise ValueError("nothing to train: no parameter requires a gradient")
-    return groups
+def _spread(values: torch.Tensor, prefix: str, rec: Dict[str, Any], std: bool = True) -> None:
+    """rec[prefix_mean/_std/_min/_max] of a 1D tensor (population std; all 0 when empty)."""
+    v = values.double()
+    empty = v.numel() == 0
+    rec[f"{prefix}_mean"] = 0.0 if empty else float(v.mean())
+    if std:
+        rec[f"{prefix}_std"] = 0.0 if empty else float(v.std(correction=0))
+    rec[f"{prefix}_min"] = 0.0 if empty else float(v.min())
+    rec[f"{prefix}_max"] = 0.0 if empty else float(v.max())
 
 
-def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[Dict[str, Any]]:
-    """Run training in this process (rank ``rank`` of ``world_size``); returns the log rows."""
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> Dict[str, Any]:
+    """A held-out pass of an ATP model in ``model.eval()`` (hard masks and real pruning unless its
+    ATPConfig says otherwise); the model's train/eval mode is restored afterwards.
+
+    ``loader`` yields ``collate`` batches with labels (-100 off the answer). Teacher-forced: the
+    greedy argmax of the logits at each answer position is compared with the label there.
+
+    Returns a flat dict::
+
+        split "eval"; samples (with an answer); correct; accuracy: samples whose every answer
+        token is predicted (exact match); token_accuracy; loss: L_ntp per answer token;
+        images; n_bar / n_bar_std / n_bar_min / n_bar_max over samples with an image, target_tokens,
+        n_bar_minus_target; for each ATP layer l: tokens_l{l}_mean/_std/_min/_max over images
+        (the hard counts in eval; population std), theta_r_l{l}_mean/_min/_max and theta_s_...
+        over samples with an image (adaptive mode); flops_ratio, kv_ratio against the unpruned
+        model; hard, pruned (what the eval forward did).
+    """
+    inner = _unwrap(model)
+    cfg = get_atp_controller(inner).config
+    param = next(inner.parameters())
+    was_training = inner.training
+    inner.eval()
+    samples = correct = tok_total = tok_correct = images = 0
+    loss_sum = 0.0
+    flops = [0.0, 0.0]
+    kv = [0.0, 0.0]
+    tokens: List[torch.Tensor] = []
+    n_bars: List[torch.Tensor] = []
+    thetas: Dict[str, List[torch.Tensor]] = {"theta_r": [], "theta_s": []}
+    hard = pruned = False
+    try:
+        for batch in loader:
+            batch = {k: v.to(param.device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+            out = inner(**batch, use_cache=False)
+            st = out.atp_stats
+            labels = batch["labels"][:, 1:]
+            answer = labels != IGNORE_INDEX
+            hit = (out.logits[:, :-1].argmax(-1) == labels) & answer
+            has_answer = answer.any(1)
+            samples += int(has_answer.sum())
+            correct += int(((hit | ~answer).all(1) & has_answer).sum())
+            n_tok = int(answer.sum())
+            tok_total += n_tok
+            tok_correct += int(hit.sum())
+            if n_tok:
+                loss_sum += float(st["loss_ntp"]) * n_tok
+            has_image = st["images_per_sample"] > 0
+            images += int(st["images_per_sample"].sum())
+            codes = st.get("keep_codes")
+            if codes:  # hard masks: the count of every image
+                tokens.append(torch.stack([(c != 0).sum(-1) for c in codes], 1).double().cpu())
+            else:  # per sample (the mean over its images)
+                tokens.append(st.get("tokens_hard", st["tokens"])[has_image].double().cpu())
+            n_bars.append(st["n_bar"][has_image].double().cpu())
+            for key in thetas:
+                if st.get(key) is not None:
+                    thetas[key].append(st[key][has_image].double().cpu())
+            flops[0] += float(st["flops"].sum())
+            flops[1] += float(st["flops_full"].sum())
+            kv[0] += float(st["kv_cache_bytes"].sum())
+            kv[1] += float(st["kv_cache_bytes_full"].sum())
+            hard, pruned = bool(st["hard"]), bool(st["pruned"])
+    finally:
+        inner.train(was_training)
+    if not n_bars:
+        raise ValueError("evaluate: the loader yielded no batch")
+    layers = tuple(cfg.layers)
+    rec: Dict[str, Any] = {"split": "eval", "samples": samples, "correct": correct,
+                           "accuracy": correct / samples if samples else 0.0,
+                           "token_accuracy": tok_correct / tok_total if tok_total else 0.0,
+                           "loss": loss_sum / tok_total if tok_total else 0.0, "images": images}
+    spread: Dict[str, Any] = {}
+    _spread(torch.cat(n_bars), "n_bar", spread)
+    rec["n_bar"] = spread.pop("n_bar_mean")
+    rec.update(spread)
+    rec["target_tokens"] = float(cfg.target_tokens)
+    rec["n_bar_minus_target"] = rec["n_bar"] - rec["target_tokens"]
+    per_layer = torch.cat(tokens)
+    for k, layer in enumerate(layers):
+        _spread(per_layer[:, k], f"tokens_l{layer}", rec)
+    for key, parts in thetas.items():
+        if parts:
+            values = torch.cat(parts)
+            for k, layer in enumerate(layers):
+                _spread(values[:, k], f"{key}_l{layer}", rec, std=False)
+    rec["flops_ratio"] = flops[0] / flops[1] if flops[1] else 1.0
+    rec["kv_ratio"] = kv[0] / kv[1] if kv[1] else 1.0
+    rec["hard"], rec["pruned"] = hard, pruned
+    return rec
+
+
+def format_eval(rec: Dict[str, Any]) -> str:
+    """A readable summary of an ``evaluate`` record."""
+    head = [f"eval{'' if 'step' not in rec else ' @ step ' + str(rec['step'])}:",
+            f"accuracy {rec['accuracy']:.4f} ({rec['correct']}/{rec['samples']}),",
+            f"token accuracy {rec['token_accuracy']:.4f}, loss {rec['loss']:.4f},",
+            f"N_bar {rec['n_bar']:.1f} (target {rec['target_tokens']:g}),",
+            f"FLOPs x{rec['flops_ratio']:.3f}, KV x{rec['kv_ratio']:.3f}"]
+    lines = [" ".join(head)]
+    layers = sorted(int(k[len("tokens_l"):-len("_mean")]) for k in rec
+                    if k.startswith("tokens_l") and k.endswith("_mean"))
+    for layer in layers:
+        t = f"tokens_l{layer}"
+        line = (f"  layer {layer}: tokens {rec[t + '_mean']:.1f} +- {rec[t + '_std']:.1f} "
+                f"[{rec[t + '_min']:.0f}, {rec[t + '_max']:.0f}]")
+        for key in ("theta_r", "theta_s"):
+            name = f"{key}_l{layer}"
+            if name + "_mean" in rec:
+                line += (f", {key} {rec[name + '_mean']:.3f} "
+                         f"[{rec[name + '_min']:.3f}, {rec[name + '_max']:.3f}]")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def save_model(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=None) -> None:
+    """Write an ATP model as a user reloads it: ``directory`` gets the stock LLaVA
+    (``save_pretrained`` of every weight but ``atp.*``; the config holds no trace of ATP, as
+    transformers does not serialise the attention implementation), ``directory/atp.safetensors``
+    (``save_atp``) and ``tokenizer`` if given. Then::
+
+        load_atp(LlavaForConditionalGeneration.from_pretrained(directory), f"{directory}/atp.safetensors")
+
+    is the same model. ``model`` itself is not changed.
+    """
+    inner = _unwrap(model)
+    get_atp_controller(inner)
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v for k, v in inner.state_dict().items() if not k.startswith("atp.")}
+    inner.save_pretrained(directory, state_dict=state)
+    save_atp(inner, os.path.join(directory, ATP_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _lrs(opt: torch.optim.Optimizer) -> Dict[str, float]:
+    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}  # param_groups() names them
+
+
+def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
+          return_model: bool = False) -> Union[List[Dict[str, Any]], Tuple[List[Dict[str, Any]], nn.Module]]:
+    """Run training in this process (rank ``rank`` of ``world_size``); returns the log rows
+    (training steps and evaluations), and the trained model with ``return_model``."""
     distributed = world_size > 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
@@ -151,11 +411,13 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = _load_model(args, dtype)
     config = config_from_args(args)
     if config.mode != "adaptive" and not config.train_lm:
         raise ValueError(f"--mode {config.mode} has no ATP parameters to train; add --train-lm")
-    apply_atp(model, config)
+    model = _load_model(args, dtype)
+    tokenizer = _load_tokenizer(args)
+    # No --layers: ATPConfig.default_layers of this model's depth.
+    apply_atp(model, config.for_depth(model.config.text_config.num_hidden_layers))
     model.to(device)
     if args.grad_ckpt:
         # Non-reentrant: the per-forward ATP state rides in the layers' keyword arguments.
@@ -165,21 +427,25 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n_grid = model.atp.n_grid
-    dataset = _dataset(args, model, tokenizer, n_grid)
+    pad = model.config.text_config.pad_token_id
+    dataset = _dataset(args, model, tokenizer, n_grid, "train")
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty")
     sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed)
                if distributed else None)
-    pad = model.config.text_config.pad_token_id
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-        generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=lambda b: collate(b, pad_token_id=0 if pad is None else pad, padding_side=args.padding_side))
-    opt = torch.optim.AdamW(_param_groups(model, args), weight_decay=args.weight_decay)
+    loader = _loader(dataset, args.batch_size, pad, args.padding_side, shuffle=True, sampler=sampler, seed=args.seed)
+    has_eval = args.eval_data is not None or args.eval_synthetic is not None
+    eval_set = _dataset(args, model, tokenizer, n_grid, "eval") if (has_eval and rank == 0) else None
+    eval_loader = (None if eval_set is None else
+                   _loader(eval_set, args.eval_batch_size or args.batch_size, pad, args.padding_side))
+    opt = torch.optim.AdamW(param_groups(model, lr_atp=args.lr_atp, lr_lm=args.lr_lm,
+                                         weight_decay=args.weight_decay))
     runner = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    total = args.epochs * len(loader) if args.max_steps is None else min(args.max_steps, args.epochs * len(loader))
+    total = args.epochs * len(loader) if args.max_steps is None else args.max_steps
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
@@ -188,14 +454,30 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
     json_f = open(args.log_json, "w") if (rank == 0 and args.log_json) else None
     csv_f, csv_w = (open(args.log_csv, "w", newline=""), None) if (rank == 0 and args.log_csv) else (None, None)
     rows: List[Dict[str, Any]] = []
-    step = 0
+
+    def log_json(rec: Dict[str, Any]) -> None:
+        rows.append(rec)
+        if json_f:
+            json_f.write(json.dumps(rec) + "\n")
+            json_f.flush()
+
+    def run_eval(step: int, epoch: int) -> None:
+        """Rank 0 evaluates the whole eval set on the unwrapped model; the others wait."""
+        if not has_eval:
+            return
+        if rank == 0:
+            rec = {"split": "eval", "step": step, "epoch": epoch, **evaluate(model, eval_loader)}
+            log_json(rec)
+            (progress.write if progress is not None else print)(format_eval(rec))
+        if distributed:
+            dist.barrier()
+
+    step = epoch = 0
     try:
-        for epoch in range(args.epochs):
+        while step < total:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             for batch in loader:
-                if step >= total:
-                    break
                 t0 = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -204,11 +486,8 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
                 out.loss.backward()
                 opt.step()
                 step += 1
-                rec = step_record(step, epoch, out, [g["lr"] for g in opt.param_groups], time.perf_counter() - t0)
-                rows.append(rec)
-                if json_f:
-                    json_f.write(json.dumps(rec) + "\n")
-                    json_f.flush()
+                rec = step_record(step, epoch, out, _lrs(opt), time.perf_counter() - t0)
+                log_json(rec)
                 if csv_f:
                     if csv_w is None:
                         csv_w = csv.DictWriter(csv_f, fieldnames=list(rec))
@@ -218,6 +497,12 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{rec['loss']:.3f}", n_bar=f"{rec['n_bar']:.1f}")
+                if step >= total:
+                    break
+                if args.eval_every and step % args.eval_every == 0:
+                    run_eval(step, epoch)
+            epoch += 1
+        run_eval(step, max(epoch - 1, 0))
     finally:
         for f in (json_f, csv_f):
             if f:
@@ -226,12 +511,12 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1) -> List[
             progress.close()
     if rank == 0 and args.save_atp:
         save_atp(model, args.save_atp)
+    if rank == 0 and args.save_model:
+        save_model(model, args.save_model, tokenizer)
     if distributed:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
-    return rows
+    return (rows, model) if return_model else rows
 
 
 def _spawn_worker(rank: int, world_size: int, argv: List[str], port: str) -> None:
@@ -249,7 +534,9 @@ def _free_port() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun
         return train(args, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     if args.nproc > 1:

@@ -1,0 +1,355 @@
+"""The training CLI end to end (python -m atp_llava.train / atp_llava.train.main) and what it is
+built from: default ATP layers, --max-steps across epochs, --save-model round trips, the held-out
+evaluation, pre-tokenised records, remove_atp, param_groups.
+
+All on the tiny random LLaVA (tiny_llava, 24 x 24 = 576 image tokens), CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from atp_llava import (DEFAULT_LR_ATP, DEFAULT_LR_LM, ATPConfig, apply_atp, load_atp, param_groups,  # noqa: E402
+                       read_atp_config, remove_atp)
+from atp_llava.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
+from atp_llava.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
+from atp_llava.train import ATP_FILE, build_parser, config_from_args, evaluate, main, train  # noqa: E402
+
+N_GRID = 576
+BASE = ["--tiny", "--device", "cpu", "--no-progress", "--batch-size", "2", "--target-tokens", "300"]
+TARGET = 300.0  # reachable with the tiny model's default layers (ATPConfig's 144 is not quite)
+
+
+def run(*argv):
+    return main([*BASE, *map(str, argv)])
+
+
+def synthetic_batch(n=3, seed=5, max_images=1):
+    ds = SyntheticDataset(n, TINY_IMAGE_TOKEN, N_GRID, 48, 128, max_images=max_images, seed=seed)
+    return collate([ds[i] for i in range(n)], padding_side="right")
+
+
+def eval_loader(n=4, max_images=1, batch_size=2):
+    ds = SyntheticDataset(n, TINY_IMAGE_TOKEN, N_GRID, 48, 128, max_images=max_images, seed=3)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+
+
+def train_rows(rows):
+    return [r for r in rows if r["split"] == "train"]
+
+
+def eval_rows(rows):
+    return [r for r in rows if r["split"] == "eval"]
+
+
+# ----------------------------------------------------------------------------------------------
+# defaults
+
+
+@pytest.mark.parametrize("tiny_layers", [2, 4])
+def test_default_layers_follow_the_model_depth(tiny_layers):
+    rows = run("--tiny-layers", tiny_layers, "--synthetic", 2, "--max-steps", 1)
+    layers = ATPConfig.default_layers(tiny_layers)
+    assert layers == ((1,) if tiny_layers == 2 else (1, 2, 3))
+    keys = {k for k in rows[0] if k.startswith("tokens_l")}
+    assert keys == {f"tokens_l{l}" for l in layers}
+
+
+def test_cli_defaults_are_atpconfig_and_optim_defaults():
+    args = build_parser().parse_args(["--tiny", "--synthetic", "1"])
+    assert args.layers is None
+    assert config_from_args(args) == ATPConfig()  # every ATPConfig flag defaults to the dataclass field
+    for name in ("mlp_inputs", "budget", "min_keep", "target_loss", "target_delta"):
+        assert getattr(args, name) == getattr(ATPConfig(), name), name
+    assert (args.lr_atp, args.lr_lm) == (DEFAULT_LR_ATP, DEFAULT_LR_LM)
+    args = build_parser().parse_args(["--tiny", "--synthetic", "1", "--mlp-inputs", "raw", "--budget", "soft",
+                                      "--min-keep", "0", "--target-loss", "l1", "--target-delta", "3"])
+    cfg = config_from_args(args)
+    got = (cfg.mlp_inputs, cfg.budget, cfg.min_keep, cfg.target_loss, cfg.target_delta)
+    assert got == ("raw", "soft", 0, "l1", 3.0)
+
+
+def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no line breaks inside the phrases
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "overrides --epochs" in text and "ignored when --max-steps is given" in text
+    for flag in ("--save-model", "--eval-synthetic", "--eval-data", "--eval-every", "--tokenizer", "--mlp-inputs",
+                 "--budget", "--min-keep", "--target-loss", "--target-delta"):
+        assert flag in text, flag
+
+
+def test_bad_argument_combinations_are_refused(capsys):
+    for argv in (["--synthetic", "2", "--eval-every", "2"], ["--synthetic", "2", "--max-steps", "0"],
+                 ["--synthetic", "2", "--mode", "fixed", "--train-lm"],
+                 ["--synthetic", "2", "--mode", "fixed", "--layers", "1", "--fixed-keep", "9"]):
+        with pytest.raises(SystemExit):
+            run(*argv)
+    err = capsys.readouterr().err
+    assert "--eval-every needs an eval set" in err and "needs --layers" in err and "add --train-lm" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# steps and epochs
+
+
+def test_max_steps_runs_as_many_epochs_as_needed():
+    rows = run("--synthetic", 2, "--batch-size", 1, "--max-steps", 5)  # 2 batches per epoch
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2]
+    rows = run("--synthetic", 2, "--batch-size", 1, "--epochs", 2)  # without --max-steps: epochs x batches
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1]
+
+
+def test_step_log_has_soft_and_hard_counts(tmp_path):
+    rows = run("--synthetic", 2, "--max-steps", 1, "--log-csv", tmp_path / "log.csv")
+    rec = rows[0]
+    header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert "lr_atp" in rec and rec["lr_atp"] == DEFAULT_LR_ATP
+    for layer in (1, 2, 3):
+        assert f"tokens_l{layer}" in rec and f"tokens_l{layer}" in header
+    # Keys the ATP step hands over when it has them (atp_stats tokens_soft / tokens_hard / n_bar_hard).
+    model = apply_atp(tiny_llava(4), ATPConfig(target_tokens=TARGET)).train()
+    stats = model(**synthetic_batch(2), use_cache=False).atp_stats
+    for key, name in (("tokens_soft", "tokens_soft_l1"), ("tokens_hard", "tokens_hard_l1"),
+                      ("n_bar_hard", "n_bar_hard")):
+        assert (key in stats) == (name in rec), key
+
+
+# ----------------------------------------------------------------------------------------------
+# --save-model
+
+
+@pytest.mark.parametrize("train_lm", [False, True])
+def test_save_model_round_trip_gives_identical_logits(tmp_path, train_lm):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "model"
+    argv = [*BASE, "--synthetic", "4", "--max-steps", "2", "--lr-atp", "1e-2", "--lr-lm", "1e-3",
+            "--save-model", str(out)] + (["--train-lm"] if train_lm else [])
+    args = build_parser().parse_args(argv)
+    _, model = train(args, return_model=True)
+    assert (out / ATP_FILE).exists() and read_atp_config(out / ATP_FILE).train_lm == train_lm
+    assert "atp" not in (out / "config.json").read_text()
+    reloaded, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert reloaded.config.text_config._attn_implementation == "sdpa"
+    # The stock LM as saved: trained with --train-lm, untouched without.
+    fresh = tiny_llava(4, seed=0).state_dict()
+    lm_changed = any(not torch.equal(v, fresh[k]) for k, v in reloaded.state_dict().items())
+    assert lm_changed == train_lm
+    load_atp(reloaded, out / ATP_FILE)
+    batch = synthetic_batch(3)
+    with torch.no_grad():
+        want = model.eval()(**batch, use_cache=False)
+        got = reloaded.eval()(**batch, use_cache=False)
+    assert torch.equal(want.logits, got.logits)
+    assert torch.equal(want.atp_stats["tokens"], got.atp_stats["tokens"])
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def test_eval_records_and_summary(tmp_path, capsys):
+    rows = run("--synthetic", 4, "--max-steps", 3, "--eval-synthetic", 5, "--eval-every", 2,
+               "--log-json", tmp_path / "log.jsonl")
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == rows
+    evals = eval_rows(rows)
+    assert [r["step"] for r in evals] == [2, 3]  # every 2 steps, and at the end
+    assert [r["step"] for r in train_rows(rows)] == [1, 2, 3]
+    rec = evals[-1]
+    assert rec["samples"] == 5 and rec["images"] == 5 and 0.0 <= rec["accuracy"] <= 1.0
+    assert rec["hard"] and rec["pruned"] and rec["target_tokens"] == TARGET
+    assert rec["n_bar_minus_target"] == pytest.approx(rec["n_bar"] - rec["target_tokens"])
+    for layer in (1, 2, 3):
+        for stat in ("mean", "std", "min", "max"):
+            assert f"tokens_l{layer}_{stat}" in rec
+        for key in ("theta_r", "theta_s"):
+            assert rec[f"{key}_l{layer}_min"] <= rec[f"{key}_l{layer}_mean"] <= rec[f"{key}_l{layer}_max"]
+        assert 0 <= rec[f"tokens_l{layer}_min"] <= rec[f"tokens_l{layer}_mean"] <= rec[f"tokens_l{layer}_max"] <= N_GRID
+    out = capsys.readouterr().out
+    assert "eval @ step 3: accuracy" in out and "layer 1: tokens" in out
+
+
+def test_evaluate_exact_match_accuracy():
+    """Labels set to the model's own greedy predictions score 1; one wrong answer token costs
+    that sample (exact match), not the others."""
+    model = apply_atp(tiny_llava(4), ATPConfig(target_tokens=TARGET, init_threshold=0.5)).train()
+    batch = synthetic_batch(4, max_images=2)
+    with torch.no_grad():
+        pred = model.eval()(**batch, use_cache=False).logits.argmax(-1)
+    labels = batch["labels"].clone()
+    answer = labels[:, 1:] != -100
+    labels[:, 1:][answer] = pred[:, :-1][answer]
+    ok = {**batch, "labels": labels}
+    model.train()
+    rec = evaluate(model, [ok])
+    assert model.training  # the mode is restored
+    assert (rec["samples"], rec["correct"], rec["accuracy"], rec["token_accuracy"]) == (4, 4, 1.0, 1.0)
+    wrong = labels.clone()
+    pos = int(answer[2].nonzero()[0]) + 1
+    wrong[2, pos] = (wrong[2, pos] + 1) % 64 + 3
+    rec = evaluate(model, [{**batch, "labels": wrong}])
+    assert (rec["correct"], rec["accuracy"]) == (3, 0.75)
+    assert rec["token_accuracy"] == pytest.approx(1 - 1 / int(answer.sum()))
+
+
+def test_evaluate_counts_hard_tokens_per_image():
+    """Mode fixed keeps exactly fixed_keep tokens of every image: the per-image statistics and
+    N_bar are known (several images per prompt included)."""
+    keep = (100, 50, 20)
+    model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), mode="fixed", fixed_keep=keep))
+    loader = eval_loader(5, max_images=2)
+    rec = evaluate(model, loader)
+    assert rec["images"] == sum(len(ex["pixel_values"]) for ex in loader.dataset) > rec["samples"] == 5
+    for layer, k in zip((1, 2, 3), keep):
+        assert (rec[f"tokens_l{layer}_mean"], rec[f"tokens_l{layer}_std"], rec[f"tokens_l{layer}_min"],
+                rec[f"tokens_l{layer}_max"]) == (k, 0.0, k, k)
+    assert rec["n_bar"] == pytest.approx((N_GRID + sum(keep)) / 4) and rec["n_bar_std"] == pytest.approx(0.0)
+    assert "theta_r_l1_mean" not in rec and rec["flops_ratio"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+def _records(tmp_path, n=3, text=False):
+    records = []
+    for i in range(n):
+        torch.save(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)), tmp_path / f"img{i}.pt")
+        if text:
+            records.append({"image": f"img{i}.pt", "prompt": "what is this", "answer": "a cat" if i % 2 else "a dog"})
+        else:
+            records.append({"image": f"img{i}.pt", "prompt_ids": [1, 5, TINY_IMAGE_TOKEN, 6, 7],
+                            "answer_ids": [70 + i % 2, 2]})
+    path = tmp_path / ("text.jsonl" if text else "ids.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_pretokenised_records_train_on_tiny(tmp_path):
+    path = _records(tmp_path)
+    ds = RecordsDataset(path, None, TINY_IMAGE_TOKEN, N_GRID, 48, vocab_size=128)
+    ex = ds[0]
+    assert ex["input_ids"] == [1, 5] + [TINY_IMAGE_TOKEN] * N_GRID + [6, 7, 70, 2]
+    assert [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100] == [70, 2]
+    rows = run("--data", path, "--eval-data", path, "--max-steps", 2)
+    assert [r["step"] for r in train_rows(rows)] == [1, 2] and eval_rows(rows)[0]["samples"] == 3
+
+
+def test_records_errors_say_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer PATH"):
+        run("--data", _records(tmp_path, text=True), "--max-steps", 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "img0.pt", "prompt_ids": [1, TINY_IMAGE_TOKEN], "answer_ids": [500]}]))
+    with pytest.raises(ValueError, match="vocabulary has 128"):
+        RecordsDataset(bad, None, TINY_IMAGE_TOKEN, N_GRID, 48, vocab_size=128)[0]
+    bad.write_text(json.dumps([{"image": "img0.pt", "prompt_ids": [1, 2], "answer_ids": [3]}]))
+    with pytest.raises(ValueError, match="once per image"):
+        RecordsDataset(bad, None, TINY_IMAGE_TOKEN, N_GRID, 48)[0]
+
+
+def test_tokenizer_flag_with_tiny(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "what", "is", "this", "a", "cat", "dog"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "tok")
+    rows = run("--data", _records(tmp_path, text=True), "--tokenizer", tmp_path / "tok", "--max-steps", 1,
+               "--save-model", tmp_path / "model")
+    assert rows[0]["step"] == 1
+    assert (tmp_path / "model" / "tokenizer.json").exists()  # saved beside the model
+
+
+# ----------------------------------------------------------------------------------------------
+# remove_atp
+
+
+@pytest.mark.parametrize("stock_impl", ["sdpa", "eager"])
+def test_remove_atp_restores_the_stock_model(stock_impl):
+    stock = tiny_llava(4, attn_implementation=stock_impl).eval()
+    stock.model.vision_tower.requires_grad_(False)  # a flag apply_atp(train_lm=True) would change
+    model = copy.deepcopy(stock)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    batch = synthetic_batch(2)
+    apply_atp(model, ATPConfig(target_tokens=TARGET, train_lm=True, init_threshold=0.5))
+    model.train()(**batch, use_cache=False).loss.backward()
+    with torch.no_grad():
+        model.eval()(**batch, use_cache=False)
+    assert hasattr(model, "atp_report")
+    model.zero_grad(set_to_none=True)
+    assert remove_atp(model) is model
+    assert not hasattr(model, "atp") and not hasattr(model, "atp_report") and not hasattr(model, "_atp_controller")
+    assert "generate" not in vars(model) and not any(k.startswith("atp.") for k in model.state_dict())
+    assert model.config.text_config._attn_implementation == stock_impl
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        for mode in (False, True):
+            assert torch.equal(model.train(mode)(**batch).logits, stock.train(mode)(**batch).logits)
+    # No hook left behind (after a forward of both: transformers adds output-capturing hooks on the first)
+    for m, s in zip(model.modules(), stock.modules()):
+        assert (len(m._forward_pre_hooks), len(m._forward_hooks)) == (len(s._forward_pre_hooks), len(s._forward_hooks))
+    prompt = {k: v[:1, :-3] for k, v in batch.items() if k != "pixel_values"}
+    prompt["pixel_values"] = batch["pixel_values"][:1]
+    prompt.pop("labels")
+    gen = dict(max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.eval().generate(**prompt, **gen), stock.eval().generate(**prompt, **gen))
+    # and it can become ATP-LLaVA again, with another config
+    apply_atp(model, ATPConfig(layers=(2,), mode="fixed", fixed_keep=(10,)))
+    stats = model.eval()(**batch, use_cache=False).atp_stats
+    assert stats["layers"] == (2,) and torch.equal(stats["tokens"], torch.full((2, 1), 10.0))
+    with pytest.raises(ValueError, match="no ATP modules"):
+        remove_atp(stock)
+
+
+# ----------------------------------------------------------------------------------------------
+# param_groups
+
+
+def test_param_groups():
+    frozen = apply_atp(tiny_llava(4), ATPConfig(target_tokens=TARGET))
+    groups = param_groups(frozen, lr_atp=1e-2, weight_decay=0.1)
+    assert [g["name"] for g in groups] == ["atp"] and groups[0]["lr"] == 1e-2 and groups[0]["weight_decay"] == 0.1
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in frozen.atp.parameters()}
+    full = apply_atp(tiny_llava(4), ATPConfig(target_tokens=TARGET, train_lm=True))
+    atp, lm = param_groups(full)
+    assert (atp["name"], atp["lr"], lm["name"], lm["lr"]) == ("atp", DEFAULT_LR_ATP, "lm", DEFAULT_LR_LM)
+    trainable = {id(p) for p in full.parameters() if p.requires_grad}
+    assert {id(p) for g in (atp, lm) for p in g["params"]} == trainable
+    assert not {id(p) for p in full.model.vision_tower.parameters()} & trainable
+    torch.optim.AdamW(param_groups(full))
+    with pytest.raises(ValueError, match="no parameter of the model requires a gradient.*train_lm=True"):
+        param_groups(apply_atp(tiny_llava(4), ATPConfig(layers=(1,), mode="fixed", fixed_keep=(5,))))
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP through the entry point
+
+
+def test_ddp_spawn_with_eval_and_save_model(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "atp_llava.train", *BASE, "--synthetic", "2", "--batch-size", "1", "--max-steps", "2",
+           "--nproc", "2", "--eval-synthetic", "2", "--eval-every", "1", "--log-json", str(tmp_path / "log.jsonl"),
+           "--save-model", str(tmp_path / "m")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train_rows(rows)] == [1, 2] and [r["step"] for r in eval_rows(rows)] == [1, 2]
+    assert "eval @ step 1" in res.stdout and "eval @ step 2" in res.stdout
+    assert (tmp_path / "m" / ATP_FILE).exists() and (tmp_path / "m" / "model.safetensors").exists()
+

@@ -136,5 +136,13 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
     extras_require={"llava": ["transformers>=5.24,<6", "safetensors", "tqdm"], "flash": ["flash-attn"],
-                    "test": ["pytest", "hypothesis"]},
+                    "test": ["pytest", "hypothesis"],
+                    # bench/adaptivity.py's PNG plots
+                    "bench": ["matplotlib"],
+                    # lmms-eval plugin (python/atp_llava/lmms_eval_model.py): --model atp_llava. lmms-eval
+                    # 0.7.3's evaluator imports filelock._api, which filelock 4 no longer has.
+                    "lmms": ["lmms-eval>=0.7,<0.8", "filelock<4", "transformers>=5.24,<6", "safetensors", "tqdm",
+                             "pillow"]},
+    # lmms-eval 0.7 discovers external models through this entry-point group (ModelManifest payload)
+    entry_points={"lmms_eval.models": ["atp_llava = atp_llava.lmms_eval_model:lmms_eval_manifest"]},
 )

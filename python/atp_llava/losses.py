@@ -9,14 +9,14 @@ are per image; a sample with several images counts the mean over its images, so
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .layout import VisionLayout
 
-__all__ = ["tokens_per_layer", "atp_losses", "target_loss", "min_reachable_tokens"]
+__all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reachable_tokens"]
 
 
 def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int, n_grid: int) -> torch.Tensor:
@@ -48,6 +48,17 @@ def target_loss(n_bar: torch.Tensor, target_tokens: float, kind: str = "l1", del
     raise ValueError(f"target_loss: kind must be 'l1' or 'huber', got {kind!r}")
 
 
+def n_bar(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int
+          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N_bar of Eq. 13 from the (B, K) tokens per image kept after each ATP layer: (tokens seen by
+    each decoder layer (B, num_layers), their mean per sample (B,), and that mean over the
+    samples that have an image ()). Samples without an image count 0 and stay out of the mean."""
+    weights = (layout.images_per_sample > 0).to(kept.dtype)
+    per_layer = tokens_per_layer(kept, atp_layers, num_layers, layout.n_grid) * weights[:, None]
+    per_sample = per_layer.mean(1)
+    return per_layer, per_sample, (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int,
                target_tokens: float, target_kind: str = "l1", target_delta: float = 8.0) -> Dict[str, torch.Tensor]:
     """L_ATP (Eq. 12), N_bar and L_target (Eq. 13, ``target_loss``) of one batch.
@@ -62,18 +73,15 @@ def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[in
         loss_target () target_loss(n_bar_batch, target_tokens, target_kind, target_delta)
         per_layer   (B, num_layers) tokens seen by each decoder layer
     """
-    n_grid = layout.n_grid
     has_image = layout.images_per_sample > 0
     weights = has_image.to(kept.dtype)
     n_samples = weights.sum().clamp_min(1.0)
     depth = torch.tensor([float(i) for i in atp_layers], dtype=kept.dtype, device=kept.device)
-    loss_atp_sample = (kept / n_grid * depth).sum(1)  # Eq. 12
-    per_layer = tokens_per_layer(kept, atp_layers, num_layers, n_grid) * weights[:, None]
-    n_bar = per_layer.mean(1)
-    n_bar_batch = (n_bar * weights).sum() / n_samples
+    loss_atp_sample = (kept / layout.n_grid * depth).sum(1)  # Eq. 12
+    per_layer, n_bar_sample, n_bar_batch = n_bar(kept, layout, atp_layers, num_layers)
     return {
         "loss_atp": (loss_atp_sample * weights).sum() / n_samples,
-        "n_bar": n_bar,
+        "n_bar": n_bar_sample,
         "n_bar_batch": n_bar_batch,
         # 0 (and no gradient) for a batch without images; torch.where keeps it free of a host sync
         "loss_target": torch.where(has_image.any(), target_loss(n_bar_batch, target_tokens, target_kind, target_delta),

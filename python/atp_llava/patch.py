@@ -49,7 +49,7 @@ from . import flash
 from .config import ATPConfig
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias
-from .losses import atp_losses, min_reachable_tokens
+from .losses import atp_losses, min_reachable_tokens, n_bar
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
@@ -464,8 +464,8 @@ class ATPController:
             "tokens": kept.detach(),
             "tokens_soft": kept_soft,
             "tokens_hard": kept_hard,
-            "n_bar_soft": atp_losses(kept_soft, lay, cfg.layers, self.num_layers, cfg.target_tokens)["n_bar_batch"],
-            "n_bar_hard": atp_losses(kept_hard, lay, cfg.layers, self.num_layers, cfg.target_tokens)["n_bar_batch"],
+            "n_bar_soft": n_bar(kept_soft, lay, cfg.layers, self.num_layers)[2],
+            "n_bar_hard": n_bar(kept_hard, lay, cfg.layers, self.num_layers)[2],
             "tokens_per_layer": losses["per_layer"].detach(),
             "n_bar": losses["n_bar"].detach(),
             "n_bar_batch": losses["n_bar_batch"].detach(),
@@ -571,7 +571,7 @@ class ATPController:
             if state.hard or state.img_mask is not None:
                 new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
             else:  # the paper's soft masks, accumulated in log space
-                new = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature, prev)
+                new = prev + soft
             state.img_soft = state.img_soft + soft.detach()
             state.theta_r.append(theta_r)
             state.theta_s.append(theta_s)

@@ -1,10 +1,16 @@
-"""The CUDA kernels' own code (csrc/cuda) run on the CPU by tests/cuda_emu: one host thread per
-CUDA thread, barriers and shuffles emulated, WMMA fragments emulated, dynamic shared memory
-poisoned with NaN. Every case compares with atp_ops.reference (and autograd through it).
+"""The CUDA kernels' own code (csrc/cuda) run on the CPU by tests/cuda_emu: one fiber per CUDA
+thread, barriers and warp collectives emulated, mma.sync / ldmatrix with the PTX ISA's per-lane
+fragment layouts, cp.async landing only at its wait, a shared-memory race detector, bounds checks,
+dynamic shared memory poisoned with NaN. Every case compares with atp_ops.reference (and autograd
+through it), over the shapes of tests/test_cuda_attention.py; and each mutation of
+tests/cuda_emu/mutations.py (a missing wait or barrier, a wrong lane mapping, an off-by-one causal
+horizon) must make the cases fail.
 
-This checks the kernels' indexing, masking, tiling, split-K combination, reductions and barrier
-placement on machines without a GPU; it says nothing about the hardware (speed, memory model,
-the real tensor-core layouts). It needs g++ and the CUDA toolkit's headers (nvcc on PATH).
+This checks the kernels' indexing, masking, tiling, fragment layouts, split-K combination,
+reductions and barrier placement on machines without a GPU; it says nothing about speed or about
+the hardware beyond what the PTX ISA specifies. The backward and s_cross kernels still use WMMA,
+emulated with whole-matrix fragments (shim/mma.h). It needs g++ and the CUDA toolkit's headers
+(nvcc on PATH).
 """
 from __future__ import annotations
 
@@ -19,12 +25,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
 
 import check  # noqa: E402
+import mutations  # noqa: E402
+
+
+def _toolchain():
+    if shutil.which("nvcc") is None or shutil.which("g++") is None:
+        pytest.skip("the CUDA emulator needs g++ and the CUDA toolkit headers (nvcc on PATH)")
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if shutil.which("nvcc") is None or shutil.which("g++") is None:
-        pytest.skip("the CUDA emulator needs g++ and the CUDA toolkit headers (nvcc on PATH)")
+    _toolchain()
     out = tmp_path_factory.mktemp("cuda_emu")
     build = subprocess.run(["bash", os.path.join(HERE, "cuda_emu", "build.sh")], env={**os.environ, "OUT": str(out)},
                            capture_output=True, text=True)
@@ -36,3 +47,10 @@ def emulator(tmp_path_factory):
 def test_cuda_kernel_code_matches_reference_on_the_emulator(emulator, case, capsys):
     ok = case()
     assert ok, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mutation", mutations.MUTATIONS, ids=lambda m: m.name)
+def test_the_emulator_catches_a_broken_kernel(mutation):
+    _toolchain()
+    caught, how = mutations.run(mutation)
+    assert caught, f"{mutation.name} went unnoticed: {how}"

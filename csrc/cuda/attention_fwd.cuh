@@ -1,58 +1,83 @@
-// atp_attention forward on CUDA (DESIGN §3.1): FlashAttention-2's algorithm with WMMA tensor
-// cores. One block owns kBlockQ query rows of one (batch, query head) and walks the key tiles
-// with an online softmax; nothing of size Lq x Lk exists. Included only by the per-(dtype, head
-// dim) instantiation files attention_fwd_<dtype>_hdim<D>.cu.
+// atp_attention forward on CUDA (DESIGN §3.1): FlashAttention-2's algorithm on mma.sync tensor
+// cores with S, P and O in registers. One block owns kBlockQ query rows of one (batch, query head)
+// and walks the key tiles with an online softmax; nothing of size Lq x Lk exists. Included only by
+// the per-(dtype, head dim) instantiation files attention_fwd_<dtype>_hdim<D>.cu.
 //
-// Work split inside a block: each of the 4 warps owns 16 query rows end to end (its slice of
-// S, P and O), so after the block-wide K/V load only __syncwarp is needed. Inside a warp, lanes
-// 2r and 2r+1 own row r for the softmax and keep its running max m and sum l in registers.
+// Work split: each of the 4 warps owns 32 query rows (two m16 tiles) end to end. Per key tile a
+// warp computes S = Q K^T into mma accumulators, applies scale, key_bias and the causal horizon,
+// updates its rows' running max and sum with quad shuffles, turns the accumulators into the A
+// operand of O += P V without leaving registers, and reads K (ldmatrix) and V (ldmatrix.trans)
+// from shared memory. Tiles arrive by cp.async, K and V double-buffered: the copy of tile t + 1
+// runs while tile t is computed, and one barrier per tile separates them. Shared tiles have rows
+// of kD + 8 elements: the 8 rows an ldmatrix phase reads start 16 bytes apart modulo 128, so they
+// hit 32 distinct banks, and every k-step's address is the previous one plus an immediate (an
+// XOR swizzle saves the padding but its per-lane addresses cost the registers that O needs at
+// D = 128: measured, 40-56 bytes of spills).
+//
+// Key tiles per architecture: kBlockK = 64 where two blocks fit in an SM's shared memory (sm_90:
+// 2 x 102 KB at D = 128), else 32 (sm_80: two blocks of 68 KB; sm_86: one). D = 64 always uses 64.
 #pragma once
-#include <climits>
-
 #include "cuda/attention_common.cuh"
+#include "cuda/launch.h"
+#include "cuda/ptx.cuh"
 #include "cuda/static_switch.h"
 
 namespace atp::cuda {
 
-template <int kD>
+template <int kD, int kBlockK_ = 64>
 struct FwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockQ = 16 * kWarps;             // 16 query rows per warp
-  static constexpr int kBlockK = kD <= 64 ? 64 : 32;      // keeps shared memory < 99 KB (sm_86)
-  static constexpr int kLdT = kD + 8;        // Q, K, V tiles (elements); +8 staggers banks
-  static constexpr int kLdS = kBlockK + 4;   // S logits (float)
-  static constexpr int kLdP = kBlockK + 8;   // P probabilities (16-bit)
-  static constexpr int kLdO = kD + 4;        // O accumulator (float)
+  static constexpr int kMTiles = 2;                       // m16 tiles per warp: 32 rows
+  static constexpr int kBlockQ = 16 * kMTiles * kWarps;   // 128
+  static constexpr int kBlockK = kBlockK_;                // divides kSplitKeyGranule
+  static constexpr int kLd = kD + 8;                      // row pitch of every tile (elements)
+  static constexpr bool kQInRegs = kD <= 64;               // at 128, O and S leave no room for Q
   static constexpr int kOffQ = 0;
-  static constexpr int kOffK = kOffQ + align128(kBlockQ * kLdT * 2);
-  static constexpr int kOffV = kOffK + align128(kBlockK * kLdT * 2);
-  static constexpr int kOffS = kOffV + align128(kBlockK * kLdT * 2);
-  static constexpr int kOffP = kOffS + align128(kBlockQ * kLdS * 4);
-  static constexpr int kOffO = kOffP + align128(kBlockQ * kLdP * 2);
-  static constexpr int kOffBias = kOffO + align128(kBlockQ * kLdO * 4);
-  static constexpr int kOffRow = kOffBias + align128(kBlockK * 4);
-  static constexpr int kSmemBytes = kOffRow + align128(kBlockQ * 4);
-  static_assert(kD % 16 == 0 && kBlockK % 16 == 0, "WMMA tiles are 16 x 16");
-  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_86's 99 KB per block");
+  static constexpr int kOffK = kOffQ + kBlockQ * kLd * 2;    // 2 stages
+  static constexpr int kOffV = kOffK + 2 * kBlockK * kLd * 2;  // 2 stages
+  static constexpr int kSmemBytes = kOffV + 2 * kBlockK * kLd * 2;
+  static_assert(kD % 16 == 0 && kBlockK % 16 == 0, "mma k-steps are 16 wide");
 };
 
+// Element offset of 16-byte chunk `chunk` of row `row` in a tile of pitch kD + 8.
+template <int kD>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * (kD + 8) + chunk * 8;
+}
+
+// Issues the cp.async copies of rows [row0, row0 + kRows) of a (n_rows x kD) matrix (row stride
+// `row_stride` elements) into a tile of pitch kD + 8; rows >= n_rows are zero-filled, so they add
+// exactly 0 to every product. All kThreads threads call it; the caller commits and waits.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void cp_async_tile(T* tile, const T* src, int64_t row_stride, int row0,
+                                              int n_rows) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kRowStep = kThreads / kChunks;  // rows per round
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "whole rounds of 16-byte copies");
+  const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  T* dst = tile + tile_offset<kD>(r0, c);
+  const T* from = src + int64_t(row0 + r0) * row_stride + c * 8;
+  const int64_t step = kRowStep * row_stride;  // one pointer bump per round: no hoisted offsets
+  const int left = n_rows - row0 - r0;         // rows of this thread's phase still in range
+#pragma unroll
+  for (int it = 0; it < kRows / kRowStep; ++it, from += step) {
+    const bool valid = it * kRowStep < left;
+    ptx::cp_async_16(dst + it * kRowStep * (kD + 8), valid ? from : src, valid);
+  }
+}
+
 // grid (ceil(Lq / kBlockQ) * num_splits, Hq, B). Output rows are written only for i < Lq.
-template <typename T, int kD, bool kCausal>
-__global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
+template <typename T, int kD, int kBlockK_, bool kCausal>
+__global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
-  using Tr = FwdTraits<kD>;
+  using Tr = FwdTraits<kD, kBlockK_>;
   constexpr int kBlockQ = Tr::kBlockQ, kBlockK = Tr::kBlockK, kThreads = Tr::kThreads;
-  constexpr int kLdT = Tr::kLdT, kLdS = Tr::kLdS, kLdP = Tr::kLdP, kLdO = Tr::kLdO;
+  constexpr int kMT = Tr::kMTiles, kNT = kBlockK / 8, kDT = kD / 8, kLd = Tr::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem + Tr::kOffQ);            // [kBlockQ, kLdT]
-  T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);            // [kBlockK, kLdT]
-  T* sV = reinterpret_cast<T*>(smem + Tr::kOffV);            // [kBlockK, kLdT]
-  float* sS = reinterpret_cast<float*>(smem + Tr::kOffS);    // [kBlockQ, kLdS]
-  T* sP = reinterpret_cast<T*>(smem + Tr::kOffP);            // [kBlockQ, kLdP]
-  float* sO = reinterpret_cast<float*>(smem + Tr::kOffO);    // [kBlockQ, kLdO]
-  float* sBias = reinterpret_cast<float*>(smem + Tr::kOffBias);  // [kBlockK]
-  float* sRow = reinterpret_cast<float*>(smem + Tr::kOffRow);    // [kBlockQ] 1 / l
+  T* sQ = reinterpret_cast<T*>(smem + Tr::kOffQ);  // [kBlockQ, kLd]; the output stage at the end
+  T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);  // [2][kBlockK, kLd]
+  T* sV = reinterpret_cast<T*>(smem + Tr::kOffV);  // [2][kBlockK, kLd]
 
   const int split = blockIdx.x % p.num_splits;
   const int i0 = (blockIdx.x / p.num_splits) * kBlockQ;
@@ -69,122 +94,234 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads)
   const int k_begin = split * p.keys_per_split;
   int k_end = min(p.Lk, k_begin + p.keys_per_split);
   if (kCausal) k_end = min(k_end, min(i0 + kBlockQ, p.Lq) + offset);
+  const int n_tiles = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  load_tile<T, kBlockQ, kD, kLdT, kThreads>(sQ, q, p.q_row_stride, i0, p.Lq);
-  for (int idx = tid; idx < kBlockQ * kLdO; idx += kThreads) sO[idx] = 0.f;
-  __syncthreads();  // sQ and sO complete before any warp reads them
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
+  const int wrow = warp * 16 * kMT;       // the warp's first row within the block
 
-  // The warp's Q rows stay in registers for the whole key loop.
-  FragA<T> qf[kD / 16];
+  cp_async_tile<T, kBlockQ, kD, kThreads>(sQ, q, p.q_row_stride, i0, p.Lq);
+  ptx::cp_async_commit();
+  if (n_tiles > 0) {
+    cp_async_tile<T, kBlockK, kD, kThreads>(sK, k, p.k_row_stride, k_begin, k_end);
+    cp_async_tile<T, kBlockK, kD, kThreads>(sV, v, p.v_row_stride, k_begin, k_end);
+  }
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<1>();  // Q has landed (tile 0 may still be in flight)
+  __syncthreads();          // ... for every thread's copies
+
+  // A operand of Q row tile mi, k-step kk, read by ldmatrix.x4.
+  auto load_q = [&](uint32_t (&a)[4], int mi, int kk) {
+    ptx::ldmatrix_x4(a, sQ + tile_offset<kD>(wrow + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+  };
+  uint32_t qf[Tr::kQInRegs ? kMT : 1][Tr::kQInRegs ? kD / 16 : 1][4];
+  if constexpr (Tr::kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) wmma::load_matrix_sync(qf[kk], sQ + warp * 16 * kLdT + kk * 16, kLdT);
-
-  const int r = lane >> 1, half = lane & 1;  // this lane's row within the warp, and column parity
-  const int row = warp * 16 + r;
-  const int row_limit = kCausal ? i0 + row + offset + 1 : INT_MAX;  // row sees keys j < row_limit
-  float* sS_w = sS + warp * 16 * kLdS;
-  T* sP_w = sP + warp * 16 * kLdP;
-  float* sO_w = sO + warp * 16 * kLdO;
-  float m = kNegInf, l = 0.f;  // running max and sum of exp(x - m) of this row
-
-  for (int j0 = k_begin; j0 < k_end; j0 += kBlockK) {
-    __syncthreads();  // every warp is done with the previous K, V and bias tiles
-    // Rows >= k_end load as zeros and their columns are masked below; zero V rows keep
-    // 0 * garbage out of the P V product.
-    load_tile<T, kBlockK, kD, kLdT, kThreads>(sK, k, p.k_row_stride, j0, k_end);
-    load_tile<T, kBlockK, kD, kLdT, kThreads>(sV, v, p.v_row_stride, j0, k_end);
-    for (int c = tid; c < kBlockK; c += kThreads) {
-      sBias[c] = j0 + c < k_end ? (bias ? bias[j0 + c] : 0.f) : kNegInf;
-    }
-    __syncthreads();  // the tiles are complete
-
-    // S = Q K^T for the warp's 16 rows (K read column-major gives K^T).
+    for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
-    for (int n = 0; n < kBlockK / 16; ++n) {
-      FragC s;
-      wmma::fill_fragment(s, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        FragBCol<T> kf;
-        wmma::load_matrix_sync(kf, sK + n * 16 * kLdT + kk * 16, kLdT);
-        wmma::mma_sync(s, qf[kk], kf, s);
-      }
-      wmma::store_matrix_sync(sS_w + n * 16, s, kLdS, wmma::mem_row_major);
-    }
-    __syncwarp();  // the fragment stores are visible to the lanes that own each row
-
-    // Online softmax of x = scale * q.k + key_bias (masked: -inf).
-    float mx = kNegInf;
-    for (int c = half; c < kBlockK; c += 2) {
-      float x = sS_w[r * kLdS + c] * p.scale + sBias[c];
-      if (kCausal && j0 + c >= row_limit) x = kNegInf;
-      sS_w[r * kLdS + c] = x;
-      mx = fmaxf(mx, x);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m, mx);
-    // A row that has seen no finite logit yet has m_new = -inf; shifting by 0 instead keeps
-    // exp(-inf - -inf) = NaN out: its p stay 0 and l, O stay 0.
-    const float m_use = m_new == kNegInf ? 0.f : m_new;
-    const float alpha = __expf(m - m_use);  // 0 when m = -inf
-    float sum = 0.f;
-    for (int c = half; c < kBlockK; c += 2) {
-      const float pr = __expf(sS_w[r * kLdS + c] - m_use);
-      sum += pr;
-      sP_w[r * kLdP + c] = from_float<T>(pr);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = m_new;
-    for (int d = half; d < kD; d += 2) sO_w[r * kLdO + d] *= alpha;
-    __syncwarp();  // P and the rescaled O rows are visible to the whole warp
-
-    // O += P V
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) {
-      FragC o;
-      wmma::load_matrix_sync(o, sO_w + n * 16, kLdO, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        FragA<T> pf;
-        FragBRow<T> vf;
-        wmma::load_matrix_sync(pf, sP_w + kk * 16, kLdP);
-        wmma::load_matrix_sync(vf, sV + kk * 16 * kLdT + n * 16, kLdT);
-        wmma::mma_sync(o, pf, vf, o);
-      }
-      wmma::store_matrix_sync(sO_w + n * 16, o, kLdO, wmma::mem_row_major);
-    }
-    __syncwarp();  // O stores land before the next tile's rescale reads them
+      for (int kk = 0; kk < kD / 16; ++kk) load_q(qf[mi][kk], mi, kk);
   }
 
-  // l = 0 exactly when the row saw no finite logit: out 0 and lse -inf, never NaN.
-  const float row_lse = l > 0.f ? m + logf(l) : kNegInf;
-  if (half == 0) sRow[row] = l > 0.f ? 1.f / l : 0.f;
-  __syncwarp();  // sRow and the last O stores are visible to every lane of the warp
+  float o[kMT][kDT][4];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
+  // Running max and this lane's part of the running sum of rows g and g + 8 of each m tile (the
+  // four lanes of a quad are summed once, at the end).
+  float m[kMT][2], l[kMT][2];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) m[mi][0] = m[mi][1] = kNegInf, l[mi][0] = l[mi][1] = 0.f;
 
+  for (int it = 0; it < n_tiles; ++it) {
+    const int j0 = k_begin + it * kBlockK;
+    const T* tK = sK + (it & 1) * kBlockK * kLd;
+    const T* tV = sV + (it & 1) * kBlockK * kLd;
+    ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed
+    __syncthreads();          // everyone's have; and every warp is done with tile it - 1
+    if (it + 1 < n_tiles) {   // tile it + 1 into the buffers tile it - 1 used
+      cp_async_tile<T, kBlockK, kD, kThreads>(sK + ((it + 1) & 1) * kBlockK * kLd, k, p.k_row_stride,
+                                              j0 + kBlockK, k_end);
+      cp_async_tile<T, kBlockK, kD, kThreads>(sV + ((it + 1) & 1) * kBlockK * kLd, v, p.v_row_stride,
+                                              j0 + kBlockK, k_end);
+    }
+    ptx::cp_async_commit();
+
+    // S = Q K^T. ldmatrix.x4 of K gives the B operands of two key n-tiles.
+    float s[kMT][kNT][4];
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) {
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mi][e] = qf[mi][kk][e];
+        } else {
+          load_q(a[mi], mi, kk);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t kb[4];
+        ptx::ldmatrix_x4(kb, tK + tile_offset<kD>(16 * np + (lane & 7) + ((lane >> 4) << 3),
+                                              2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+          ptx::mma_16816<T>(s[mi][2 * np], a[mi], kb[0], kb[1]);
+          ptx::mma_16816<T>(s[mi][2 * np + 1], a[mi], kb[2], kb[3]);
+        }
+      }
+    }
+
+    // x = scale * q.k + key_bias, -inf past k_end and past each row's causal horizon. The bias
+    // of this lane's 2 * kNT columns is read once per tile and shared by its rows.
+    const bool causal_tile = kCausal && j0 + kBlockK - 1 > i0 + offset;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + nt * 8 + 2 * t + e;
+        const float bj = j < k_end ? (bias ? ptx::ld_global(bias + j) : 0.f) : kNegInf;
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float x = fmaf(s[mi][nt][2 * hf + e], p.scale, bj);
+            if (causal_tile && j > i0 + wrow + mi * 16 + g + 8 * hf + offset) x = kNegInf;
+            s[mi][nt][2 * hf + e] = x;
+          }
+        }
+      }
+    }
+
+    // Online softmax, row by row: new max over the quad, rescale O and l, P = exp(x - max).
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = m[mi][hf];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * hf], s[mi][nt][2 * hf + 1]));
+        mx = fmaxf(mx, ptx::shfl_xor(mx, 1));
+        mx = fmaxf(mx, ptx::shfl_xor(mx, 2));
+        // A row that has seen no finite logit yet has mx = -inf; shifting by 0 instead keeps
+        // exp(-inf - -inf) = NaN out: its p stay 0 and l, O stay 0.
+        const float m_use = mx == kNegInf ? 0.f : mx;
+        const float alpha = __expf(m[mi][hf] - m_use);  // 0 when the old max is -inf
+        m[mi][hf] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pr = __expf(s[mi][nt][2 * hf + e] - m_use);
+            s[mi][nt][2 * hf + e] = pr;
+            sum += pr;
+          }
+        }
+        l[mi][hf] = l[mi][hf] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) o[mi][dt][2 * hf] *= alpha, o[mi][dt][2 * hf + 1] *= alpha;
+      }
+    }
+
+    // O += P V: accumulators of key n-tiles 2kk and 2kk + 1 are the A operand of k-step kk;
+    // ldmatrix.x4.trans of V gives the B operands of two head-dim n-tiles.
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      uint32_t pa[kMT][4];
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) {
+        pa[mi][0] = ptx::pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        pa[mi][1] = ptx::pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        pa[mi][2] = ptx::pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        pa[mi][3] = ptx::pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, tV + tile_offset<kD>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                    2 * dp + (lane >> 4)));
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+          ptx::mma_16816<T>(o[mi][2 * dp], pa[mi], vb[0], vb[1]);
+          ptx::mma_16816<T>(o[mi][2 * dp + 1], pa[mi], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // nothing may land in shared memory after this point
+
+  // l = 0 exactly when the row saw no finite logit: out 0 and lse -inf, never NaN.
   const int64_t bh = int64_t(b) * p.Hq + h;
-  const int i = i0 + row;
+  float inv[kMT][2];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = l[mi][hf];
+      sum += ptx::shfl_xor(sum, 1);
+      sum += ptx::shfl_xor(sum, 2);
+      inv[mi][hf] = sum > 0.f ? 1.f / sum : 0.f;
+      const int i = i0 + wrow + mi * 16 + g + 8 * hf;
+      const float row_lse = sum > 0.f ? m[mi][hf] + logf(sum) : kNegInf;
+      if (t == 0 && i < p.Lq) {
+        if (p.num_splits > 1) {
+          ptx::st_global(p.lse_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq + i, row_lse);
+        } else {
+          ptx::st_global(p.lse + bh * p.Lq + i, row_lse);
+        }
+      }
+    }
+  }
+
   if (p.num_splits > 1) {
     // Partial result of this key range, normalised by its own l; the combine kernel reweights.
-    const int64_t base = (int64_t(split) * p.B * p.Hq + bh) * p.Lq;
-    if (half == 0 && i < p.Lq) p.lse_accum[base + i] = row_lse;
-    for (int rr = 0; rr < 16; ++rr) {
-      const int ii = i0 + warp * 16 + rr;
-      if (ii >= p.Lq) break;
-      const float inv = sRow[warp * 16 + rr];
-      float* dst = p.out_accum + (base + ii) * kD;
-      for (int d = lane; d < kD; d += 32) dst[d] = sO_w[rr * kLdO + d] * inv;
-    }
-  } else {
-    if (half == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = row_lse;
-    T* out = static_cast<T*>(p.out);
-    for (int rr = 0; rr < 16; ++rr) {
-      const int ii = i0 + warp * 16 + rr;
-      if (ii >= p.Lq) break;
-      const float inv = sRow[warp * 16 + rr];
-      T* dst = out + (bh * p.Lq + ii) * kD;
-      for (int d = lane; d < kD; d += 32) dst[d] = from_float<T>(sO_w[rr * kLdO + d] * inv);
+    float* dst = p.out_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq * kD;
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int i = i0 + wrow + mi * 16 + g + 8 * hf;
+        if (i >= p.Lq) continue;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          ptx::st_global_2(dst + int64_t(i) * kD + dt * 8 + 2 * t, o[mi][dt][2 * hf] * inv[mi][hf],
+                           o[mi][dt][2 * hf + 1] * inv[mi][hf]);
+        }
+      }
+    return;
+  }
+
+  // The warp's own Q rows become its output stage: fragments in, 16-byte rows out.
+  __syncwarp();  // every lane's last ldmatrix of these rows is done
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        ptx::st_shared_4(sQ + tile_offset<kD>(wrow + mi * 16 + g + 8 * hf, dt) + 2 * t,
+                         ptx::pack2<T>(o[mi][dt][2 * hf] * inv[mi][hf], o[mi][dt][2 * hf + 1] * inv[mi][hf]));
+      }
+  __syncwarp();  // the stage is complete before any lane reads another lane's part
+  T* out = static_cast<T*>(p.out) + bh * p.Lq * kD;
+#pragma unroll
+  for (int it = 0; it < 16 * kMT * kDT / 32; ++it) {
+    const int idx = it * 32 + lane;
+    const int r = idx / kDT, c = idx % kDT;
+    const int i = i0 + wrow + r;
+    if (i < p.Lq) {
+      ptx::st_global_16(out + int64_t(i) * kD + c * 8, ptx::ld_shared_16(sQ + tile_offset<kD>(wrow + r, c)));
     }
   }
 }
@@ -221,12 +358,23 @@ __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const Attent
   }
 }
 
-template <typename T, int kD>
-void run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<kD>;
+// The key tile for this device: 64 where two blocks of that size fit in an SM, else 32.
+template <int kD>
+int fwd_block_k() {
+  int dev = 0, smem_per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  constexpr int kReservedPerBlock = 1024;  // the driver's per-block reservation (sm_80+)
+  return kD <= 64 || 2 * (FwdTraits<kD, 64>::kSmemBytes + kReservedPerBlock) <= smem_per_sm ? 64 : 32;
+}
+
+template <typename T, int kD, int kBlockK>
+void run_attention_fwd_tiles(const AttentionFwdParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<kD, kBlockK>;
+  static_assert(Tr::kBlockQ == kFwdBlockQ && kSplitKeyGranule % Tr::kBlockK == 0, "launch.h's constants");
   const int n_qblocks = (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ;
   BOOL_SWITCH(p.causal, kCausal, [&] {
-    auto kernel = &attention_fwd_kernel<T, kD, kCausal>;
+    auto kernel = &attention_fwd_kernel<T, kD, kBlockK, kCausal>;
     // Above 48 KB a block's dynamic shared memory must be opted into per kernel.
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     const dim3 grid(n_qblocks * p.num_splits, p.Hq, p.B);
@@ -235,6 +383,19 @@ void run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   if (p.num_splits > 1) {
     const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
     attention_fwd_combine_kernel<T, kD><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+  }
+}
+
+template <typename T, int kD>
+void run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
+  if constexpr (kD <= 64) {
+    run_attention_fwd_tiles<T, kD, 64>(p, stream);
+  } else {
+    if (fwd_block_k<kD>() == 64) {
+      run_attention_fwd_tiles<T, kD, 64>(p, stream);
+    } else {
+      run_attention_fwd_tiles<T, kD, 32>(p, stream);
+    }
   }
 }
 

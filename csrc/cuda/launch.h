@@ -43,6 +43,8 @@ void attention_bwd_run<AttnDtype::kBFloat16, 128>(const AttentionBwdParams& p, c
 
 // Split-K keys are cut at multiples of this, a multiple of every forward key tile.
 constexpr int kSplitKeyGranule = 64;
+// Query rows per forward block (every head dim).
+constexpr int kFwdBlockQ = 128;
 
 inline void attention_fwd_launch(const AttentionFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
   HEADDIM_SWITCH(p.D, kD, [&] {

@@ -108,10 +108,10 @@ void fill_attention_params(cuda::AttentionParams& p, const at::Tensor& q, const 
   p.causal = causal;
 }
 
-// Flash-decoding: with few query rows the grid (one block per 64 rows per head) leaves most of
+// Flash-decoding: with few query rows the grid (one block per kFwdBlockQ rows per head) leaves most of
 // the GPU idle, so the keys are split across blocks as well, aiming at ~4 blocks per SM.
 int attention_num_splits(const AttentionShape& s) {
-  constexpr int64_t kBlockQ = 64, kMaxSplits = 32, kMinKeysPerSplit = 128;
+  constexpr int64_t kBlockQ = cuda::kFwdBlockQ, kMaxSplits = 32, kMinKeysPerSplit = 128;
   if (s.Lq > 16 || s.Lk < 2 * kMinKeysPerSplit) return 1;
   // (ATen/cuda/CUDAContext.h would give the properties too, but it pulls in cuSPARSE headers.)
   int sms = 0;

@@ -1,6 +1,7 @@
 """Runs the host-emulated CUDA kernels (build.sh makes libemu.so) against atp_ops.reference,
 with the host logic of csrc/cuda/ops_cuda.cpp (copies, split-K sizes, row lists) mirrored here.
-``python check.py [quick|all]`` runs QUICK or ALL; tests/test_cuda_emulated.py runs ALL under pytest."""
+``python check.py [quick|all|mutation]`` runs QUICK, ALL or MUTATION; tests/test_cuda_emulated.py runs ALL
+under pytest, and mutations.py runs MUTATION on mutated kernels."""
 import ctypes, os, sys
 from functools import partial
 import torch
@@ -36,6 +37,20 @@ def strides(t):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
+def register(*tensors):
+    """Tells the emulator which global memory the next launch may touch: the storages of `tensors`."""
+    lib.emu_clear()
+    for t in tensors:
+        if t is not None:
+            st = t.untyped_storage()
+            lib.emu_register(ctypes.c_void_p(st.data_ptr()), L(st.nbytes()))
+
+
+# cudaDevAttrMaxSharedMemoryPerMultiprocessor of the emulated device; it picks the forward's key
+# tile at D = 128 (64 on sm_90, 32 on sm_80 / sm_86).
+SMEM_PER_SM = {"sm_90": 228 * 1024, "sm_80": 164 * 1024, "sm_86": 100 * 1024}
+
+
 def loadable(t):
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
     for d in range(t.dim() - 1):
@@ -43,7 +58,7 @@ def loadable(t):
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-def fwd(q, k, v, bias, causal, scale, splits=1):
+def fwd(q, k, v, bias, causal, scale, splits=1, arch="sm_90"):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v = loadable(q), loadable(k), loadable(v)
@@ -59,6 +74,8 @@ def fwd(q, k, v, bias, causal, scale, splits=1):
     if splits > 1:
         oacc = torch.empty(splits, B, Hq, Lq, D)
         lacc = torch.empty(splits, B, Hq, Lq)
+    register(q, k, v, bias, out, lse, oacc, lacc)
+    lib.emu_set_smem_per_sm(I(SMEM_PER_SM[arch]))
     lib.emu_fwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(out), ptr(lse), I(splits), I(kps), ptr(oacc), ptr(lacc))
@@ -77,6 +94,7 @@ def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None):
     db = torch.full((B, Hq, Lk), float("nan"))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
+    register(q, k, v, bias, do, out, lse, dlse, delta, dq, dk, dv, db, grad_bias)
     lib.emu_bwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(do), strides(do), ptr(out), strides(out), ptr(lse), ptr(dlse),
@@ -98,6 +116,7 @@ def cross(q, k, lse, bias, w, causal, scale):
     rows = torch.sort(sel, stable=True, dim=1, descending=True)[1].int().contiguous()
     w_sum = wc.sum(1).contiguous()
     s = torch.zeros(B, Lk)
+    register(q, k, lse, bias, wc, rows, n_rows, w_sum, s)
     lib.emu_cross(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                   ptr(lse.contiguous()), ptr(bias), L(bias.stride(0) if bias is not None else 0), ptr(wc),
                   ptr(rows), ptr(n_rows), ptr(w_sum), F(scale), I(int(causal)), ptr(s))
@@ -164,7 +183,8 @@ def err(name, a, r, lp=None):
     return ok
 
 
-def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do_bwd=True, layout="contig", seed=0):
+def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do_bwd=True, layout="contig", seed=0,
+         arch="sm_90"):
     g = torch.Generator().manual_seed(seed)
     def mk(h, l):
         if layout == "blhd":
@@ -179,9 +199,11 @@ def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do
         bias[drop] = float("-inf")
         if bias_kind == "dead":
             bias[-1] = float("-inf")
+        if bias_kind == "pruned_range":  # a whole split's worth of removed keys
+            bias[:, 1000:2000] = float("-inf")
     scale = D ** -0.5
-    print(f"--- B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal} bias={bias_kind} splits={splits} {layout}")
-    out, lse = fwd(q, k, v, bias, causal, scale, splits)
+    print(f"--- B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal} bias={bias_kind} splits={splits} {layout} {arch}")
+    out, lse = fwd(q, k, v, bias, causal, scale, splits, arch)
     f = lambda t: None if t is None else t.float()
     rq, rk, rv = (t.float().requires_grad_(True) for t in (q, k, v))
     rb = bias.clone().requires_grad_(True) if bias is not None else None
@@ -304,6 +326,42 @@ ALL += [
 ]
 
 
+# The shapes of tests/test_cuda_attention.py (which needs a GPU), with fewer batches and heads
+# where the GPU test is large: the FlashAttention error-rule grid, GQA without a bias, split-K
+# decode against a pruned 2880-key cache, and both key tiles of D = 128 (sm_90 and sm_80).
+GPU_SUITE = []
+for _dtype in (torch.float16, torch.bfloat16):
+    for _D in (64, 128):
+        for _causal in (False, True):
+            for _i, (_lq, _lk) in enumerate([(1, 1), (17, 129), (64, 64), (129, 100), (200, 1000)]):
+                GPU_SUITE.append(partial(case, 2, 4, 2, _lq, _lk, _D, _dtype, _causal, layout=("blhd", "contig")[_i % 2],
+                                         seed=_lq * 1000 + _lk + _D))
+    for _hq, _hkv in ((4, 4), (8, 2), (6, 1)):
+        GPU_SUITE.append(partial(case, 1, _hq, _hkv, 77, 190, 64, _dtype, False, bias_kind="none", layout="blhd"))
+    for _causal in (False, True):
+        for _lq in (1, 4, 16):
+            GPU_SUITE.append(partial(case, 2, 8, 2, _lq, 2880, 128, _dtype, _causal, bias_kind="pruned_range",
+                                     splits=6, do_bwd=False, seed=_lq))
+GPU_SUITE += [
+    partial(case, 2, 8, 8, 1, 2880, 64, torch.bfloat16, False, bias_kind="dead", splits=4, do_bwd=False, seed=5),
+    partial(case, 2, 4, 2, 70, 300, 64, torch.float16, False, bias_kind="dead", seed=3),
+    partial(case, 2, 4, 2, 70, 300, 64, torch.float16, True, bias_kind="dead", seed=3),
+    partial(case, 1, 2, 2, 150, 40, 64, torch.bfloat16, True, bias_kind="none", seed=4),
+    partial(case, 2, 4, 2, 200, 1000, 128, torch.bfloat16, True, arch="sm_80", seed=9),
+    partial(case, 1, 2, 1, 129, 300, 128, torch.float16, False, arch="sm_86", seed=10),
+    partial(case, 2, 4, 1, 16, 2880, 128, torch.float16, True, splits=5, do_bwd=False, arch="sm_80", seed=11),
+]
+ALL += GPU_SUITE
+
+# What mutations.py runs on each mutated kernel: the forward at both head dims, causal with two
+# query blocks and several key tiles, and non-causal with Lq < Lk.
+MUTATION = [
+    partial(case, 1, 2, 1, 150, 200, 64, torch.float16, True, do_bwd=False),
+    partial(case, 1, 2, 1, 150, 200, 128, torch.bfloat16, True, do_bwd=False),
+    partial(case, 1, 2, 1, 40, 300, 128, torch.float16, False, do_bwd=False),
+]
+
+
 def case_id(c):
     """A readable name of one entry of QUICK / ALL."""
     args = "-".join(str(a).replace("torch.", "") for a in c.args)
@@ -313,6 +371,6 @@ def case_id(c):
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "quick"
-    oks = [c() for c in {"quick": QUICK, "all": ALL}[which]]
+    oks = [c() for c in {"quick": QUICK, "all": ALL, "mutation": MUTATION}[which]]
     print("ALL OK" if all(oks) else "SOME FAILED")
     sys.exit(0 if all(oks) else 1)

@@ -68,3 +68,9 @@ extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int
   cross_scores_launch(p, dtype, nullptr);
 }
 
+
+// The global buffers the next launches may touch (bounds-checked by shim/ptx.cuh's accesses).
+extern "C" void emu_register(const void* p, int64_t bytes) { emu::register_buffer(p, size_t(bytes)); }
+extern "C" void emu_clear() { emu::clear_buffers(); }
+// What cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor) reports: picks the forward's tiles.
+extern "C" void emu_set_smem_per_sm(int bytes) { emu::g_smem_per_sm = bytes; }

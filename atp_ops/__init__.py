@@ -11,6 +11,8 @@ from .ops import (
     has_cuda_kernels,
     normalize_scores,
     redundant_score,
+    set_validation,
+    validation_enabled,
 )
 
 __version__ = "0.1.0"

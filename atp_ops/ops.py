@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.atp_ops.*)
+from . import _C  # loads the library: registers torch.ops.atp_ops.*
 from .reference import compute_dtype
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "redundant_score",
     "normalize_scores",
     "has_cuda_kernels",
+    "set_validation",
+    "validation_enabled",
 ]
 
 _ops = torch.ops.atp_ops
@@ -38,6 +40,26 @@ def _default_scale(op: str, q: torch.Tensor, scale: Optional[float]) -> float:
 def has_cuda_kernels(op: str = "attention_fwd") -> bool:
     """Whether this build registered a CUDA kernel for torch.ops.atp_ops.<op>."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"atp_ops::{op}", "CUDA")
+
+
+def set_validation(enabled: bool) -> bool:
+    """Turns the ops' value checks on or off; returns the previous setting.
+
+    The checks that read tensor values (``key_bias`` / ``prev_bias`` free of NaN and +inf,
+    ``key_mask`` in [0, 1], finite non-negative row weights) cost one reduction and one host
+    sync each, which stalls the CPU behind the GPU and cannot be captured in a CUDA graph. They
+    are on by default (``ATP_OPS_VALIDATION=0`` in the environment turns them off at import) and
+    are skipped automatically while a CUDA graph is being captured. With them off, bad values
+    are not caught: NaN propagates into the outputs. Shape, dtype and device checks always run.
+    """
+    previous = bool(_C.validation())
+    _C.set_validation(bool(enabled))
+    return previous
+
+
+def validation_enabled() -> bool:
+    """Whether the ops' value checks run (see set_validation)."""
+    return bool(_C.validation())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,29 @@
 #include "checks.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 namespace atp {
+
+bool (*cuda_stream_capturing)() = nullptr;
+
 namespace {
+
+std::atomic<bool>& validation_flag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("ATP_OPS_VALIDATION");
+    return !(env && (!std::strcmp(env, "0") || !std::strcmp(env, "off") || !std::strcmp(env, "false")));
+  }());
+  return flag;
+}
+
+// Whether the value checks of `t` run now (see checks.h).
+bool check_values_of(const at::Tensor& t) {
+  if (!validation_flag().load(std::memory_order_relaxed)) return false;
+  return !(t.is_cuda() && cuda_stream_capturing && cuda_stream_capturing());
+}
 
 std::string sizes_str(at::IntArrayRef s) {
   std::ostringstream os;
@@ -16,18 +36,23 @@ bool is_float_type(at::ScalarType t) {
 }
 
 void check_log_mask(const char* op, const char* name, const at::Tensor& t) {
+  if (!check_values_of(t)) return;
   // One reduction and one host sync; NaN or +inf would otherwise flow silently into every row.
   TORCH_CHECK(!(at::isnan(t) | at::isposinf(t)).any().item<bool>(), op, ": ", name,
               " contains NaN or +inf; use -inf to remove a key and finite values (log M <= 0) for soft masks");
 }
 
 void check_mask_values(const char* op, const char* name, const at::Tensor& t) {
+  if (!check_values_of(t)) return;
   // One reduction and one host sync, as check_log_mask; NaN fails both comparisons.
   TORCH_CHECK(((t >= 0) & (t <= 1)).all().item<bool>(), op, ": ", name,
               " must hold values in [0, 1], no NaN: 1 keeps a key, 0 removes it, values between soft-mask it");
 }
 
 }  // namespace
+
+bool validation_enabled() { return validation_flag().load(); }
+void set_validation(bool enabled) { validation_flag().store(enabled); }
 
 void check_key_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
                       const AttentionShape& s) {
@@ -105,6 +130,7 @@ void check_row_weights(const char* op, const char* name, const at::Tensor& w, co
   check_same_shape(op, name, w, {s.B, s.Lq}, "(B, Lq)", q);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", w.scalar_type());
+  if (!check_values_of(w)) return;
   TORCH_CHECK(!(at::isnan(w) | (w < 0) | at::isinf(w)).any().item<bool>(), op, ": ", name,
               " must hold finite weights >= 0 (0 leaves a row out)");
 }

@@ -12,6 +12,18 @@ namespace atp {
 // formula such as scores, or a backward op under create_graph).
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// The checks that read tensor values (NaN/+inf in key_bias, grad_bias and prev_bias; key_mask in
+// [0, 1]; finite row weights) cost one reduction and one host sync each. They run by default;
+// ATP_OPS_VALIDATION=0 in the environment at load, or set_validation(false) (Python:
+// atp_ops.set_validation(False)), turns them off, and they are skipped while the current CUDA
+// stream is being captured into a graph (a sync there would end the capture). Shape, dtype and
+// device checks always run: they read no data.
+bool validation_enabled();
+void set_validation(bool enabled);
+// Whether the current CUDA stream is capturing; set by the CUDA half of the library when it is
+// built (the CPU half cannot include CUDA headers), else null.
+extern bool (*cuda_stream_capturing)();
+
 struct AttentionShape {
   int64_t B, Hq, Hkv, Lq, Lk, D;
 };
@@ -26,12 +38,12 @@ void check_key_vector(const char* op, const char* name, const at::Tensor& t, con
                       const AttentionShape& s);
 
 // An additive key bias (key_bias, grad_bias): check_key_vector, then no NaN and no +inf
-// (one reduction and one host sync).
+// (one reduction and one host sync, when validation is on).
 void check_key_bias(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
                     const AttentionShape& s);
 
 // A multiplicative key mask (key_mask): check_key_vector, then every value in [0, 1], no NaN
-// (one reduction and one host sync).
+// (one reduction and one host sync, when validation is on).
 void check_key_mask(const char* op, const at::Tensor& key_mask, const at::Tensor& q,
                     const AttentionShape& s);
 
@@ -43,7 +55,7 @@ void check_lse(const char* op, const char* name, const at::Tensor& lse, const at
 void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
                       const char* form, const at::Tensor& like);
 
-// Row weights w [B, Lq], floating point, finite and >= 0.
+// Row weights w [B, Lq], floating point; finite and >= 0 when validation is on.
 void check_row_weights(const char* op, const char* name, const at::Tensor& w, const at::Tensor& q,
                        const AttentionShape& s);
 

@@ -3,12 +3,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
+
+namespace {
+
+// _C.set_validation(bool) and _C.validation() -> bool: the switch of checks.h.
+PyObject* py_set_validation(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  atp::set_validation(on != 0);
+  Py_RETURN_NONE;
+}
+PyObject* py_validation(PyObject*, PyObject*) { return PyBool_FromLong(atp::validation_enabled()); }
+
+PyMethodDef methods[] = {
+    {"set_validation", py_set_validation, METH_O, "Turn the value checks (one host sync each) on or off."},
+    {"validation", py_validation, METH_NOARGS, "Whether the value checks run."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 // An importable module, so `import atp_ops._C` loads the library and runs the registrations.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "atp_ops kernels (registered as torch.ops.atp_ops)",
-                            -1, nullptr};
+                            -1, methods};
   return PyModule_Create(&def);
 }
 

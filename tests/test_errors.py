@@ -396,3 +396,65 @@ def test_soft_mask_device_mix(moved):
         match = re.escape(f"atp_soft_mask: {moved} must be on s_red's device cuda:0, got cpu")
     with raises(match):
         atp_soft_mask(*args[:4], 2.0, args[4])
+
+
+# ----------------------------------------------------------------------------------------------
+# the value-check switch (atp_ops.set_validation, ATP_OPS_VALIDATION)
+
+
+def _value_reductions(fn) -> int:
+    """How many aten::any / aten::all reductions (each a host sync on CUDA) fn() runs, from the
+    profiler (the C++ ops call them below the dispatcher level a TorchDispatchMode sees)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name in ("aten::any", "aten::all"))
+
+
+@pytest.fixture
+def validation_off():
+    import atp_ops
+    previous = atp_ops.set_validation(False)
+    yield
+    atp_ops.set_validation(previous)
+
+
+def test_value_checks_run_by_default_one_reduction_each():
+    import atp_ops
+    assert atp_ops.validation_enabled()
+    q, k, v, kb = qkvb()
+    assert _value_reductions(lambda: atp_attention(q, k, v, kb)) == 1  # key_bias
+    assert _value_reductions(lambda: atp_attention(q, k, v, kb, key_mask=torch.rand(B, LK))) == 2  # + key_mask
+
+
+def test_set_validation_false_skips_the_value_checks_only(validation_off):
+    import atp_ops
+    assert not atp_ops.validation_enabled()
+    q, k, v, kb = qkvb()
+    kb[0, 3] = NAN
+    out = atp_attention(q, k, v, kb, key_mask=torch.full((B, LK), 2.0))
+    assert _value_reductions(lambda: atp_attention(q, k, v, kb, key_mask=torch.full((B, LK), 2.0))) == 0
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()  # not caught, as documented
+    w = torch.zeros(B, LQ)
+    w[:, 0] = -1.0
+    _, lse = atp_attention(q, k, v, None, return_lse=True)
+    atp_scores(q, k, lse, None, w, w)  # negative weights pass unchecked
+    with raises(r"atp_attention: key_bias must have shape \(B, Lk\)"):  # shapes are still checked
+        atp_attention(q, k, v, kb[:, 1:])
+
+
+def test_set_validation_returns_the_previous_setting():
+    import atp_ops
+    assert atp_ops.set_validation(False) is True
+    assert atp_ops.set_validation(True) is False
+    assert atp_ops.validation_enabled()
+
+
+@pytest.mark.parametrize("value,enabled", [("0", False), ("off", False), ("false", False), ("1", True)])
+def test_environment_variable_sets_validation_at_import(value, enabled):
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", "import atp_ops; print(atp_ops.validation_enabled())"],
+                         env={**os.environ, "ATP_OPS_VALIDATION": value}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(enabled)

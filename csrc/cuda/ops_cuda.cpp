@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -283,6 +284,13 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {s_self, s_cross};
 }
+
+bool current_stream_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// Loading the CUDA half tells the value checks how to see a graph capture (checks.h).
+const bool capture_hook_installed = (cuda_stream_capturing = &current_stream_capturing, true);
 
 }  // namespace
 }  // namespace atp

@@ -14,8 +14,15 @@
 // XOR swizzle saves the padding but its per-lane addresses cost the registers that O needs at
 // D = 128: measured, 40-56 bytes of spills).
 //
+// Rows: a block's rows are rows [i0, i0 + kBlockQ) of the (head, query) sequence of its head
+// group, row r being query r % Lq of head head0 + r / Lq. Unpacked, the group is one query head
+// (grid.y = Hq); packed (kPackGqa, decode with Lq <= 16), it is the Hq / Hkv query heads of one
+// KV head (grid.y = Hkv), so their K/V tiles are read once for all of them. Either way output row
+// r sits at (b Hq + head0) Lq + r of out and lse.
+//
 // Key tiles per architecture: kBlockK = 64 where two blocks fit in an SM's shared memory (sm_90:
-// 2 x 102 KB at D = 128), else 32 (sm_80: two blocks of 68 KB; sm_86: one). D = 64 always uses 64.
+// 2 x 102 KB at D = 128), else 32 (sm_80: two blocks of 68 KB; sm_86: one). D = 64 always uses 64;
+// packed decode at D = 128 always 32 (fwd_block_k_for).
 #pragma once
 #include "cuda/attention_common.cuh"
 #include "cuda/launch.h"
@@ -68,7 +75,7 @@ __device__ __forceinline__ void cp_async_tile(T* tile, const T* src, int64_t row
 }
 
 // grid (ceil(Lq / kBlockQ) * num_splits, Hq, B). Output rows are written only for i < Lq.
-template <typename T, int kD, int kBlockK_, bool kCausal>
+template <typename T, int kD, int kBlockK_, bool kCausal, bool kPackGqa>
 __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
   using Tr = FwdTraits<kD, kBlockK_>;
@@ -79,28 +86,63 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);  // [2][kBlockK, kLd]
   T* sV = reinterpret_cast<T*>(smem + Tr::kOffV);  // [2][kBlockK, kLd]
 
+  const int group = p.Hq / p.Hkv;
   const int split = blockIdx.x % p.num_splits;
   const int i0 = (blockIdx.x / p.num_splits) * kBlockQ;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.Hq / p.Hkv);  // GQA: K/V are read in place, never repeated
-  const int offset = p.Lk - p.Lq;     // bottom-right causal alignment
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const int b = blockIdx.z;
+  const int head0 = kPackGqa ? blockIdx.y * group : blockIdx.y;  // the block's first query head
+  const int hk = kPackGqa ? blockIdx.y : blockIdx.y / group;     // GQA: K/V read in place
+  const int n_rows = kPackGqa ? group * p.Lq : p.Lq;             // rows of the head group
+  const int offset = p.Lk - p.Lq;                                // bottom-right causal alignment
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head0 * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const float* bias = p.key_bias ? p.key_bias + b * p.bias_batch_stride : nullptr;
 
-  // This block's keys: its split's range, cut at the causal horizon of its last row (causal
+  // This block's keys: its split's range, cut at the causal horizon of its last query (causal
   // block skipping: tiles wholly above the diagonal are never loaded).
   const int k_begin = split * p.keys_per_split;
   int k_end = min(p.Lk, k_begin + p.keys_per_split);
-  if (kCausal) k_end = min(k_end, min(i0 + kBlockQ, p.Lq) + offset);
+  const int last_query = kPackGqa ? p.Lq - 1 : min(i0 + kBlockQ, p.Lq) - 1;
+  if (kCausal) k_end = min(k_end, last_query + 1 + offset);
   const int n_tiles = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  const float scale_log2 = p.scale * kLog2e;
   const int wrow = warp * 16 * kMT;       // the warp's first row within the block
+  // The causal horizon of this lane's row (mi, hf): it sees keys j <= horizon(mi, hf). Unpacked,
+  // an affine function of the row, computed where it is used (the tiles that cross the diagonal)
+  // instead of held in registers; packed, row r's query is r % Lq, computed once (a division).
+  int packed_horizon[kPackGqa ? kMT : 1][2];
+  if constexpr (kPackGqa) {
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        packed_horizon[mi][hf] = (i0 + wrow + mi * 16 + g + 8 * hf) % p.Lq + offset;
+      }
+  }
+  auto horizon = [&](int mi, int hf) {
+    if constexpr (kPackGqa) {
+      return packed_horizon[mi][hf];
+    } else {
+      return ptx::opaque(i0 + wrow + g + offset) + mi * 16 + 8 * hf;  // (opaque: not held across the loop)
+    }
+  };
 
-  cp_async_tile<T, kBlockQ, kD, kThreads>(sQ, q, p.q_row_stride, i0, p.Lq);
+  {  // Q rows by cp.async, each row from its own (head, query); rows past the group zero-filled
+    constexpr int kChunks = kD / 8, kRowStep = kThreads / kChunks;
+    const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+#pragma unroll
+    for (int it = 0; it < kBlockQ / kRowStep; ++it) {
+      const int r = i0 + r0 + it * kRowStep;
+      const bool valid = r < n_rows;
+      const int hq = kPackGqa ? r / p.Lq : 0, i = kPackGqa ? r % p.Lq : r;
+      const T* src = q + (valid ? hq * p.q_head_stride + int64_t(i) * p.q_row_stride : 0) + c * 8;
+      ptx::cp_async_16(sQ + tile_offset<kD>(r0 + it * kRowStep, c), src, valid);
+    }
+  }
   ptx::cp_async_commit();
   if (n_tiles > 0) {
     cp_async_tile<T, kBlockK, kD, kThreads>(sK, k, p.k_row_stride, k_begin, k_end);
@@ -142,9 +184,14 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed
     __syncthreads();          // everyone's have; and every warp is done with tile it - 1
     if (it + 1 < n_tiles) {   // tile it + 1 into the buffers tile it - 1 used
-      cp_async_tile<T, kBlockK, kD, kThreads>(sK + ((it + 1) & 1) * kBlockK * kLd, k, p.k_row_stride,
+      // K and V of this (batch, KV head), rebuilt per tile from the parameters: registers are
+      // what O needs at D = 128.
+      const int bo = ptx::opaque(b), ho = ptx::opaque(hk);
+      const T* kt = static_cast<const T*>(p.k) + bo * p.k_batch_stride + ho * p.k_head_stride;
+      const T* vt = static_cast<const T*>(p.v) + bo * p.v_batch_stride + ho * p.v_head_stride;
+      cp_async_tile<T, kBlockK, kD, kThreads>(sK + ((it + 1) & 1) * kBlockK * kLd, kt, p.k_row_stride,
                                               j0 + kBlockK, k_end);
-      cp_async_tile<T, kBlockK, kD, kThreads>(sV + ((it + 1) & 1) * kBlockK * kLd, v, p.v_row_stride,
+      cp_async_tile<T, kBlockK, kD, kThreads>(sV + ((it + 1) & 1) * kBlockK * kLd, vt, p.v_row_stride,
                                               j0 + kBlockK, k_end);
     }
     ptx::cp_async_commit();
@@ -182,21 +229,26 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
       }
     }
 
-    // x = scale * q.k + key_bias, -inf past k_end and past each row's causal horizon. The bias
-    // of this lane's 2 * kNT columns is read once per tile and shared by its rows.
-    const bool causal_tile = kCausal && j0 + kBlockK - 1 > i0 + offset;
+    // x = (scale * q.k + key_bias) log2(e), -inf past k_end and past each row's causal horizon:
+    // the softmax runs in base 2 (one FFMA, one FADD and one ex2.approx per element; lse goes
+    // back to base e at the end). The bias of this lane's 2 * kNT columns is read once per tile
+    // and shared by its rows.
+    const bool causal_tile = kCausal && j0 + kBlockK - 1 > (kPackGqa ? 0 : i0) + offset;
+    // This sample's key_bias row, rebuilt per tile from the parameters (held across the loop it
+    // is the 64-bit value ptxas spills at D = 128).
+    const float* bias_row = p.key_bias ? p.key_bias + ptx::opaque(b) * p.bias_batch_stride : nullptr;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = j0 + nt * 8 + 2 * t + e;
-        const float bj = j < k_end ? (bias ? ptx::ld_global(bias + j) : 0.f) : kNegInf;
+        const float bj = j < k_end ? (bias_row ? ptx::ld_global(bias_row + j) * kLog2e : 0.f) : kNegInf;
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            float x = fmaf(s[mi][nt][2 * hf + e], p.scale, bj);
-            if (causal_tile && j > i0 + wrow + mi * 16 + g + 8 * hf + offset) x = kNegInf;
+            float x = fmaf(s[mi][nt][2 * hf + e], scale_log2, bj);
+            if (causal_tile && j > horizon(mi, hf)) x = kNegInf;
             s[mi][nt][2 * hf + e] = x;
           }
         }
@@ -216,14 +268,14 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
         // A row that has seen no finite logit yet has mx = -inf; shifting by 0 instead keeps
         // exp(-inf - -inf) = NaN out: its p stay 0 and l, O stay 0.
         const float m_use = mx == kNegInf ? 0.f : mx;
-        const float alpha = __expf(m[mi][hf] - m_use);  // 0 when the old max is -inf
+        const float alpha = ptx::exp2(m[mi][hf] - m_use);  // 0 when the old max is -inf
         m[mi][hf] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pr = __expf(s[mi][nt][2 * hf + e] - m_use);
+            const float pr = ptx::exp2(s[mi][nt][2 * hf + e] - m_use);
             s[mi][nt][2 * hf + e] = pr;
             sum += pr;
           }
@@ -262,7 +314,9 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   ptx::cp_async_wait<0>();  // nothing may land in shared memory after this point
 
   // l = 0 exactly when the row saw no finite logit: out 0 and lse -inf, never NaN.
-  const int64_t bh = int64_t(b) * p.Hq + h;
+  // Row r of the head group is row row0 + r of lse ([B Hq Lq]) and of out ([B Hq Lq, D]).
+  const int64_t row0 = (int64_t(b) * p.Hq + head0) * p.Lq;
+  const int64_t split0 = int64_t(split) * p.B * p.Hq * p.Lq;  // this split's partial results
   float inv[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
@@ -272,30 +326,26 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
       sum += ptx::shfl_xor(sum, 1);
       sum += ptx::shfl_xor(sum, 2);
       inv[mi][hf] = sum > 0.f ? 1.f / sum : 0.f;
-      const int i = i0 + wrow + mi * 16 + g + 8 * hf;
-      const float row_lse = sum > 0.f ? m[mi][hf] + logf(sum) : kNegInf;
-      if (t == 0 && i < p.Lq) {
-        if (p.num_splits > 1) {
-          ptx::st_global(p.lse_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq + i, row_lse);
-        } else {
-          ptx::st_global(p.lse + bh * p.Lq + i, row_lse);
-        }
+      const int r = i0 + wrow + mi * 16 + g + 8 * hf;
+      const float row_lse = sum > 0.f ? m[mi][hf] * kLn2 + logf(sum) : kNegInf;
+      if (t == 0 && r < n_rows) {
+        ptx::st_global(p.num_splits > 1 ? p.lse_accum + split0 + row0 + r : p.lse + row0 + r, row_lse);
       }
     }
   }
 
   if (p.num_splits > 1) {
     // Partial result of this key range, normalised by its own l; the combine kernel reweights.
-    float* dst = p.out_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq * kD;
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int i = i0 + wrow + mi * 16 + g + 8 * hf;
-        if (i >= p.Lq) continue;
+        const int r = i0 + wrow + mi * 16 + g + 8 * hf;
+        if (r >= n_rows) continue;
+        float* dst = p.out_accum + (split0 + row0 + r) * kD + 2 * t;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
-          ptx::st_global_2(dst + int64_t(i) * kD + dt * 8 + 2 * t, o[mi][dt][2 * hf] * inv[mi][hf],
+          ptx::st_global_2(dst + dt * 8, o[mi][dt][2 * hf] * inv[mi][hf],
                            o[mi][dt][2 * hf + 1] * inv[mi][hf]);
         }
       }
@@ -314,14 +364,14 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
                          ptx::pack2<T>(o[mi][dt][2 * hf] * inv[mi][hf], o[mi][dt][2 * hf + 1] * inv[mi][hf]));
       }
   __syncwarp();  // the stage is complete before any lane reads another lane's part
-  T* out = static_cast<T*>(p.out) + bh * p.Lq * kD;
+  T* out = static_cast<T*>(p.out) + row0 * kD;
 #pragma unroll
   for (int it = 0; it < 16 * kMT * kDT / 32; ++it) {
     const int idx = it * 32 + lane;
     const int r = idx / kDT, c = idx % kDT;
-    const int i = i0 + wrow + r;
-    if (i < p.Lq) {
-      ptx::st_global_16(out + int64_t(i) * kD + c * 8, ptx::ld_shared_16(sQ + tile_offset<kD>(wrow + r, c)));
+    if (i0 + wrow + r < n_rows) {
+      ptx::st_global_16(out + int64_t(i0 + wrow + r) * kD + c * 8,
+                        ptx::ld_shared_16(sQ + tile_offset<kD>(wrow + r, c)));
     }
   }
 }
@@ -358,26 +408,26 @@ __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const Attent
   }
 }
 
-// The key tile for this device: 64 where two blocks of that size fit in an SM, else 32.
-template <int kD>
-int fwd_block_k() {
-  int dev = 0, smem_per_sm = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+// The key tile at head dim d, packed (decode) or not, on a device with `smem_per_sm` bytes of
+// shared memory per SM: 64 where two blocks of that size fit in an SM, else 32; decode at D = 128
+// always takes 32 (it is bound by reading K/V, and the 64-key tile spills there).
+// bench/kernel_profile.py asks it too.
+constexpr int fwd_block_k_for(int d, bool pack, int smem_per_sm) {
   constexpr int kReservedPerBlock = 1024;  // the driver's per-block reservation (sm_80+)
-  return kD <= 64 || 2 * (FwdTraits<kD, 64>::kSmemBytes + kReservedPerBlock) <= smem_per_sm ? 64 : 32;
+  if (d <= 64) return 64;
+  return !pack && 2 * (FwdTraits<128, 64>::kSmemBytes + kReservedPerBlock) <= smem_per_sm ? 64 : 32;
 }
 
-template <typename T, int kD, int kBlockK>
+template <typename T, int kD, int kBlockK, bool kPack>
 void run_attention_fwd_tiles(const AttentionFwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD, kBlockK>;
   static_assert(Tr::kBlockQ == kFwdBlockQ && kSplitKeyGranule % Tr::kBlockK == 0, "launch.h's constants");
-  const int n_qblocks = (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ;
+  const int n_qblocks = int(fwd_row_blocks(p.Lq, p.Hq, p.Hkv));
   BOOL_SWITCH(p.causal, kCausal, [&] {
-    auto kernel = &attention_fwd_kernel<T, kD, kBlockK, kCausal>;
+    auto kernel = &attention_fwd_kernel<T, kD, kBlockK, kCausal, kPack>;
     // Above 48 KB a block's dynamic shared memory must be opted into per kernel.
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    const dim3 grid(n_qblocks * p.num_splits, p.Hq, p.B);
+    const dim3 grid(n_qblocks * p.num_splits, kPack ? p.Hkv : p.Hq, p.B);
     kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   });
   if (p.num_splits > 1) {
@@ -388,15 +438,22 @@ void run_attention_fwd_tiles(const AttentionFwdParams& p, cudaStream_t stream) {
 
 template <typename T, int kD>
 void run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  if constexpr (kD <= 64) {
-    run_attention_fwd_tiles<T, kD, 64>(p, stream);
-  } else {
-    if (fwd_block_k<kD>() == 64) {
-      run_attention_fwd_tiles<T, kD, 64>(p, stream);
+  int dev = 0, smem_per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  const bool pack = fwd_packs_gqa(p.Lq, p.Hq, p.Hkv);
+  const int block_k = fwd_block_k_for(kD, pack, smem_per_sm);
+  BOOL_SWITCH(pack, kPack, [&] {
+    if constexpr (kD <= 64) {
+      run_attention_fwd_tiles<T, kD, 64, kPack>(p, stream);
+    } else if constexpr (kPack) {
+      run_attention_fwd_tiles<T, kD, 32, kPack>(p, stream);
+    } else if (block_k == 64) {
+      run_attention_fwd_tiles<T, kD, 64, kPack>(p, stream);
     } else {
-      run_attention_fwd_tiles<T, kD, 32>(p, stream);
+      run_attention_fwd_tiles<T, kD, 32, kPack>(p, stream);
     }
-  }
+  });
 }
 
 }  // namespace atp::cuda

@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "cuda/attention_params.h"
 #include "cuda/static_switch.h"
 #include "soft_mask.h"
@@ -45,6 +47,19 @@ void attention_bwd_run<AttnDtype::kBFloat16, 128>(const AttentionBwdParams& p, c
 constexpr int kSplitKeyGranule = 64;
 // Query rows per forward block (every head dim).
 constexpr int kFwdBlockQ = 128;
+// Decoding against a GQA cache (Lq <= 16, Hq > Hkv): a forward block packs the rows of the
+// Hq / Hkv query heads that share a KV head, so each K/V tile is read once for all of them.
+inline bool fwd_packs_gqa(int64_t Lq, int64_t Hq, int64_t Hkv) { return Lq <= 16 && Hq > Hkv; }
+// Query-row blocks per (batch, head group); a head group is one KV head's query heads when
+// packed, one query head otherwise.
+inline int64_t fwd_row_blocks(int64_t Lq, int64_t Hq, int64_t Hkv) {
+  const int64_t rows = fwd_packs_gqa(Lq, Hq, Hkv) ? Hq / Hkv * Lq : Lq;
+  return (rows + kFwdBlockQ - 1) / kFwdBlockQ;
+}
+// Blocks of a forward launch before split-K.
+inline int64_t fwd_blocks(int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv) {
+  return B * (fwd_packs_gqa(Lq, Hq, Hkv) ? Hkv : Hq) * fwd_row_blocks(Lq, Hq, Hkv);
+}
 
 inline void attention_fwd_launch(const AttentionFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
   HEADDIM_SWITCH(p.D, kD, [&] {

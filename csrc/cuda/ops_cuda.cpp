@@ -109,15 +109,16 @@ void fill_attention_params(cuda::AttentionParams& p, const at::Tensor& q, const 
   p.causal = causal;
 }
 
-// Flash-decoding: with few query rows the grid (one block per kFwdBlockQ rows per head) leaves most of
-// the GPU idle, so the keys are split across blocks as well, aiming at ~4 blocks per SM.
+// Flash-decoding: with few query rows the grid (one block per kFwdBlockQ rows of a head group)
+// leaves most of the GPU idle, so the keys are split across blocks as well, aiming at ~4 blocks
+// per SM.
 int attention_num_splits(const AttentionShape& s) {
-  constexpr int64_t kBlockQ = cuda::kFwdBlockQ, kMaxSplits = 32, kMinKeysPerSplit = 128;
+  constexpr int64_t kMaxSplits = 32, kMinKeysPerSplit = 128;
   if (s.Lq > 16 || s.Lk < 2 * kMinKeysPerSplit) return 1;
   // (ATen/cuda/CUDAContext.h would give the properties too, but it pulls in cuSPARSE headers.)
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t blocks = s.B * s.Hq * ((s.Lq + kBlockQ - 1) / kBlockQ);
+  const int64_t blocks = cuda::fwd_blocks(s.B, s.Lq, s.Hq, s.Hkv);
   const int64_t want = (4 * sms + blocks - 1) / blocks;
   return int(std::max<int64_t>(1, std::min({want, s.Lk / kMinKeysPerSplit, kMaxSplits})));
 }

@@ -100,9 +100,25 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// ---- special functions -----------------------------------------------------------------------
+// 2^x by the SFU (ex2.approx.ftz: ~2 ulp; results below 2^-126 flush to 0, exp2(-inf) = 0).
+__device__ __forceinline__ float exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- warp shuffles -----------------------------------------------------------------------------
 __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+
+// ---- register pressure ---------------------------------------------------------------------------
+// x, but opaque to the optimiser: a value derived from it inside a loop is recomputed there (an
+// integer op or two) instead of being hoisted out and held in registers across the loop.
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 // ---- plain accesses, here so that the emulator checks them ------------------------------------

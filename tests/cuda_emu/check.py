@@ -350,12 +350,18 @@ GPU_SUITE += [
     partial(case, 2, 4, 2, 200, 1000, 128, torch.bfloat16, True, arch="sm_80", seed=9),
     partial(case, 1, 2, 1, 129, 300, 128, torch.float16, False, arch="sm_86", seed=10),
     partial(case, 2, 4, 1, 16, 2880, 128, torch.float16, True, splits=5, do_bwd=False, arch="sm_80", seed=11),
+    # packed decode: 16 query heads x 12 queries of one KV head = 192 rows, two row blocks that
+    # mix heads; and an unpacked decode (Hq = Hkv) beside it
+    partial(case, 1, 32, 2, 12, 700, 64, torch.bfloat16, True, splits=3, do_bwd=False, seed=12),
+    partial(case, 1, 32, 2, 12, 700, 128, torch.float16, False, do_bwd=False, seed=13),
+    partial(case, 2, 4, 4, 3, 300, 128, torch.bfloat16, True, splits=2, do_bwd=False, seed=14),
 ]
 ALL += GPU_SUITE
 
-# What mutations.py runs on each mutated kernel: the forward at both head dims, causal with two
-# query blocks and several key tiles, and non-causal with Lq < Lk.
+# What mutations.py runs on each mutated kernel: the forward at both head dims, packed decode,
+# causal with two query blocks and several key tiles, and non-causal with Lq < Lk.
 MUTATION = [
+    partial(case, 1, 8, 2, 3, 200, 64, torch.float16, True, splits=2, do_bwd=False),  # packed decode
     partial(case, 1, 2, 1, 150, 200, 64, torch.float16, True, do_bwd=False),
     partial(case, 1, 2, 1, 150, 200, 128, torch.bfloat16, True, do_bwd=False),
     partial(case, 1, 2, 1, 40, 300, 128, torch.float16, False, do_bwd=False),

@@ -169,12 +169,14 @@ inline int lane() { return cur->tid.x % 32; }
 inline Warp& warp() { return cur->block->warps[cur->tid.x / 32]; }
 inline unsigned char* smem() { return cur->block->smem; }
 
-// A barrier over `n_live` participants: arrive, then wait for the generation to move on.
+// The block barrier: arrive, then wait for the generation to move on (threads that exited count
+// as arrived).
+inline void release_block(Block& b) { b.arrived = 0, ++b.gen; }
 inline void block_barrier() {
   Block& b = *cur->block;
   const uint32_t g = b.gen;
   ++b.arrived, ++progress;
-  if (b.arrived + b.exited == b.n) b.arrived = 0, ++b.gen;
+  if (b.arrived + b.exited == b.n) release_block(b);
   while (b.gen == g) yield();
 }
 // Every lane puts `in_bytes` of operands into its slot; the last lane to arrive runs
@@ -302,7 +304,7 @@ struct Entry {
     c.done = true;
     Block& b = *c.block;
     ++b.exited, ++progress;
-    if (b.arrived && b.arrived + b.exited == b.n) b.arrived = 0, ++b.gen;
+    if (b.arrived && b.arrived + b.exited == b.n) release_block(b);
     ++b.warps[c.tid.x / 32].exited;
     finish();
   }

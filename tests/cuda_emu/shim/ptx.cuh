@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -161,6 +162,14 @@ inline uint32_t pack2(float lo, float hi) {
 }
 
 inline float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
+
+inline int opaque(int x) { return x; }
+
+// ex2.approx.ftz.f32: results below the smallest normal flush to +0.
+inline float exp2(float x) {
+  const float y = exp2f(x);
+  return y < 1.17549435e-38f ? 0.f : y;
+}
 
 // ---- plain accesses ----------------------------------------------------------------------------
 inline float ld_global(const float* p) {

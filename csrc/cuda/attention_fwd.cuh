@@ -53,6 +53,17 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
   return row * (kD + 8) + chunk * 8;
 }
 
+// Sets every accumulator of a [m tiles][n tiles] array of mma C fragments to 0.
+template <int kM, int kN>
+__device__ __forceinline__ void zero_fragments(float (&c)[kM][kN][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < kN; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[mi][ni][e] = 0.f;
+}
+
 // Issues the cp.async copies of rows [row0, row0 + kRows) of a (n_rows x kD) matrix (row stride
 // `row_stride` elements) into a tile of pitch kD + 8; rows >= n_rows are zero-filled, so they add
 // exactly 0 to every product. All kThreads threads call it; the caller commits and waits.
@@ -165,12 +176,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   }
 
   float o[kMT][kDT][4];
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
+  zero_fragments(o);
   // Running max and this lane's part of the running sum of rows g and g + 8 of each m tile (the
   // four lanes of a quad are summed once, at the end).
   float m[kMT][2], l[kMT][2];
@@ -198,12 +204,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
 
     // S = Q K^T. ldmatrix.x4 of K gives the B operands of two key n-tiles.
     float s[kMT][kNT][4];
-#pragma unroll
-    for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+    zero_fragments(s);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       uint32_t a[kMT][4];

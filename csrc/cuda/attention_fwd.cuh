@@ -20,6 +20,11 @@
 // KV head (grid.y = Hkv), so their K/V tiles are read once for all of them. Either way output row
 // r sits at (b Hq + head0) Lq + r of out and lse.
 //
+// Decode skips the key tiles whose keys are all removed (-inf key_bias: a ragged batch's padding,
+// a pruned cache): neither loaded nor computed. Each tile barrier also ORs, over the block,
+// whether the next tile has a live key. (Prefill does not: at D = 128 the registers it takes
+// make ptxas spill, and there compute, not reading K/V, is the cost.)
+//
 // Key tiles per architecture: kBlockK = 64 where two blocks fit in an SM's shared memory (sm_90:
 // 2 x 102 KB at D = 128), else 32 (sm_80: two blocks of 68 KB; sm_86: one). D = 64 always uses 64;
 // packed decode at D = 128 always 32 (fwd_block_k_for).
@@ -116,6 +121,17 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   const int last_query = kPackGqa ? p.Lq - 1 : min(i0 + kBlockQ, p.Lq) - 1;
   if (kCausal) k_end = min(k_end, last_query + 1 + offset);
   const int n_tiles = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
+  // Decode: whether tile `it` has a key that is not removed (threads tid < kBlockK look at one
+  // key each; the caller ORs over the block). Unpacked: every tile < n_tiles counts as live.
+  auto tile_is_live = [&](int it) {
+    if constexpr (kPackGqa) {
+      const int j = k_begin + it * kBlockK + int(threadIdx.x);
+      return it < n_tiles && int(threadIdx.x) < kBlockK && j < k_end &&
+             (!p.key_bias || ptx::ld_global(p.key_bias + b * p.bias_batch_stride + j) != kNegInf);
+    } else {
+      return it < n_tiles;
+    }
+  };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
@@ -155,7 +171,8 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     }
   }
   ptx::cp_async_commit();
-  if (n_tiles > 0) {
+  bool live = kPackGqa ? __syncthreads_or(tile_is_live(0)) : tile_is_live(0);
+  if (live) {
     cp_async_tile<T, kBlockK, kD, kThreads>(sK, k, p.k_row_stride, k_begin, k_end);
     cp_async_tile<T, kBlockK, kD, kThreads>(sV, v, p.v_row_stride, k_begin, k_end);
   }
@@ -188,8 +205,15 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     const T* tK = sK + (it & 1) * kBlockK * kLd;
     const T* tV = sV + (it & 1) * kBlockK * kLd;
     ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed
-    __syncthreads();          // everyone's have; and every warp is done with tile it - 1
-    if (it + 1 < n_tiles) {   // tile it + 1 into the buffers tile it - 1 used
+    // Everyone's have; every warp is done with tile it - 1; (decode) whether tile it + 1 is live.
+    bool next_live;
+    if constexpr (kPackGqa) {
+      next_live = __syncthreads_or(tile_is_live(it + 1));
+    } else {
+      __syncthreads();
+      next_live = tile_is_live(it + 1);
+    }
+    if (next_live) {  // tile it + 1 into the buffers tile it - 1 used
       // K and V of this (batch, KV head), rebuilt per tile from the parameters: registers are
       // what O needs at D = 128.
       const int bo = ptx::opaque(b), ho = ptx::opaque(hk);
@@ -201,6 +225,9 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
                                               j0 + kBlockK, k_end);
     }
     ptx::cp_async_commit();
+    const bool compute = live;  // a tile of removed keys changes nothing: skipping it is exact
+    live = next_live;
+    if (!compute) continue;
 
     // S = Q K^T. ldmatrix.x4 of K gives the B operands of two key n-tiles.
     float s[kMT][kNT][4];

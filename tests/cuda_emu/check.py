@@ -229,6 +229,25 @@ def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do
     return ok
 
 
+def skip_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, splits, seed=0):
+    """Packed decode skips the key tiles whose keys are all removed, without reading them: keys
+    1024..1983 (whole tiles of 32 and 64) have key_bias -inf and NaN in K and V. Any read of them
+    would make the output NaN; the reference sees zeros there."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, l, D, generator=g).to(dtype) for h, l in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    bias = torch.randn(B, Lk, generator=g)
+    bias[:, 1024:1984] = float("-inf")
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 1024:1984] = float("nan")
+    v_nan[:, :, 1024:1984] = float("nan")
+    scale = D ** -0.5
+    print(f"--- skip B{B} Hq{Hq} Hkv{Hkv} Lq{Lq} Lk{Lk} D{D} {dtype} causal={causal} splits={splits}")
+    out, lse = fwd(q, k_nan, v_nan, bias, causal, scale, splits)
+    ro, rl = reference.attention_ref(q.float(), k.float(), v.float(), bias, causal=causal, scale=scale, return_lse=True)
+    lo = reference.attention_ref(q, k, v, bias, causal=causal, scale=scale, upcast=False)
+    return err("out", out, ro, lo) & err("lse", lse, rl)
+
+
 def mask_case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, with_bias=True, seed=0):
     """atp_attention with key_mask as ops.py runs it: the forward on key_bias + log M, the
     backward with grad_bias = key_bias (0 without one), whose d key_bias output is d key_mask.
@@ -355,6 +374,8 @@ GPU_SUITE += [
     partial(case, 1, 32, 2, 12, 700, 64, torch.bfloat16, True, splits=3, do_bwd=False, seed=12),
     partial(case, 1, 32, 2, 12, 700, 128, torch.float16, False, do_bwd=False, seed=13),
     partial(case, 2, 4, 4, 3, 300, 128, torch.bfloat16, True, splits=2, do_bwd=False, seed=14),
+    partial(skip_case, 2, 8, 2, 1, 2880, 128, torch.float16, False, splits=4, seed=15),
+    partial(skip_case, 1, 16, 4, 4, 2100, 64, torch.bfloat16, True, splits=1, seed=16),
 ]
 ALL += GPU_SUITE
 
@@ -362,6 +383,8 @@ ALL += GPU_SUITE
 # causal with two query blocks and several key tiles, and non-causal with Lq < Lk.
 MUTATION = [
     partial(case, 1, 8, 2, 3, 200, 64, torch.float16, True, splits=2, do_bwd=False),  # packed decode
+    partial(case, 2, 8, 2, 1, 2880, 128, torch.bfloat16, False, bias_kind="pruned_range", splits=3,
+            do_bwd=False),  # decode skipping removed tiles
     partial(case, 1, 2, 1, 150, 200, 64, torch.float16, True, do_bwd=False),
     partial(case, 1, 2, 1, 150, 200, 128, torch.bfloat16, True, do_bwd=False),
     partial(case, 1, 2, 1, 40, 300, 128, torch.float16, False, do_bwd=False),

@@ -45,6 +45,8 @@ MUTATIONS = [
              "k_end = min(k_end, last_query + 1 + offset);", "k_end = min(k_end, last_query + offset);"),
     Mutation("packed_decode_row_to_head", FWD,
              "const int hq = kPackGqa ? r / p.Lq : 0", "const int hq = kPackGqa ? r / p.Lq / 2 : 0"),
+    Mutation("decode_skips_the_wrong_tile", FWD,
+             "next_live = __syncthreads_or(tile_is_live(it + 1));", "next_live = __syncthreads_or(tile_is_live(it + 2));"),
     Mutation("prefetch_into_the_buffer_being_read", FWD,
              "sK + ((it + 1) & 1) * kBlockK * kLd", "sK + (it & 1) * kBlockK * kLd"),
 ]

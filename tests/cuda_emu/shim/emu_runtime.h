@@ -100,6 +100,7 @@ struct Block {
   std::vector<Warp> warps;
   int arrived = 0, exited = 0;
   uint32_t gen = 0;
+  int vote = 0, vote_result = 0;  // __syncthreads_or: the OR so far, and that of the last barrier
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   std::vector<Shadow> shadow;
@@ -169,15 +170,20 @@ inline int lane() { return cur->tid.x % 32; }
 inline Warp& warp() { return cur->block->warps[cur->tid.x / 32]; }
 inline unsigned char* smem() { return cur->block->smem; }
 
-// The block barrier: arrive, then wait for the generation to move on (threads that exited count
-// as arrived).
-inline void release_block(Block& b) { b.arrived = 0, ++b.gen; }
-inline void block_barrier() {
+// The block barrier: arrive (OR-ing `vote` in), wait for the generation to move on, return the
+// OR of every thread's vote (threads that exited count as arrived, voting 0).
+inline void release_block(Block& b) {
+  b.arrived = 0, ++b.gen;
+  b.vote_result = b.vote, b.vote = 0;
+}
+inline int block_barrier(int vote = 0) {
   Block& b = *cur->block;
   const uint32_t g = b.gen;
+  b.vote |= vote;
   ++b.arrived, ++progress;
   if (b.arrived + b.exited == b.n) release_block(b);
   while (b.gen == g) yield();
+  return b.vote_result;
 }
 // Every lane puts `in_bytes` of operands into its slot; the last lane to arrive runs
 // compute(in, out) for the whole warp; then each lane copies its `out_bytes` of results.
@@ -199,6 +205,7 @@ void collective(const void* mine, size_t in_bytes, void* result, size_t out_byte
   std::memcpy(result, w.out[lane()], out_bytes);
 }
 inline void syncthreads() { block_barrier(); }
+inline int syncthreads_or(int pred) { return block_barrier(pred != 0); }
 inline void syncwarp() {
   collective(nullptr, 0, nullptr, 0, true, [](auto, auto) {});
 }
@@ -367,6 +374,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_
 #define blockDim (emu::cur->bdim)
 #define gridDim (emu::cur->gdim)
 #define __syncthreads() emu::syncthreads()
+#define __syncthreads_or(pred) emu::syncthreads_or(pred)
 #define __syncwarp(...) emu::syncwarp()
 #define __shfl_xor_sync(mask, v, m) emu::shfl_xor(v, m)
 #define __shfl_down_sync(mask, v, off) emu::shfl_down(v, off)

@@ -66,6 +66,8 @@ KERNEL_TRAITS = {
     "attention_bwd_dkdv_kernel": ("atp::cuda::BwdTraits<{a1}>::kThreads", "atp::cuda::BwdTraits<{a1}>::kSmemA"),
     "attention_bwd_dq_kernel": ("atp::cuda::BwdTraits<{a1}>::kThreads", "atp::cuda::BwdTraits<{a1}>::kSmemB"),
     "cross_scores_kernel": ("128", None),
+    "cross_scores_tc_kernel": ("atp::cuda::CrossTcTraits<{a1}>::kThreads", "atp::cuda::CrossTcTraits<{a1}>::kSmemBytes",
+                               "atp::cuda::cross_scores_on_tensor_cores(0, {a1})"),
     "soft_mask_fwd_kernel": ("256", "0"),
     "soft_mask_bwd_kernel": ("256", "0"),
 }
@@ -302,8 +304,8 @@ def traits_values(bases_args: set[tuple[str, tuple[str, ...]]]) -> dict:
                     for arch, a in ARCHS.items()}
         exprs[(base, args)] = (t[0].format(**fmt), t[1].format(**fmt) if t[1] is not None else "-1", launched)
     keys = sorted(exprs)
-    lines = ['#include "cuda/attention_fwd.cuh"', '#include "cuda/attention_bwd.cuh"', "#include <cstdio>",
-             "int main() {"]
+    lines = ['#include "cuda/attention_fwd.cuh"', '#include "cuda/attention_bwd.cuh"', '#include "cuda/scores.cu"',
+             "#include <cstdio>", "int main() {"]
     for i, k in enumerate(keys):
         th, sm, launched = exprs[k]
         flags = " ".join("%d" for _ in launched)
@@ -313,7 +315,8 @@ def traits_values(bases_args: set[tuple[str, tuple[str, ...]]]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "traits.cu", Path(tmp) / "traits"
         src.write_text("\n".join(lines))
-        subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", f"-I{REPO / 'csrc'}", str(src), "-o", str(exe)],
+        subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-arch=sm_90", f"-I{REPO / 'csrc'}", str(src),
+                        "-o", str(exe)],
                        check=True, capture_output=True)
         out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     vals = {}

@@ -82,8 +82,10 @@ inline void attention_bwd_launch(const AttentionBwdParams& p, AttnDtype dtype, c
 }
 
 // s_cross of atp_scores (scores.cu). dtype: 0 = float16, 1 = bfloat16, 2 = float32.
-// Requires p.D <= kCrossScoresMaxHeadDim.
+// Requires p.D <= kCrossScoresMaxHeadDim; on tensor cores, q and k tile-loadable (as the
+// attention kernels need them).
 constexpr int kCrossScoresMaxHeadDim = 256;
+inline bool cross_scores_on_tensor_cores(int dtype, int D) { return dtype != 2 && (D == 64 || D == 128); }
 void cross_scores_launch(const CrossScoresParams& p, int dtype, cudaStream_t stream);
 
 }  // namespace atp::cuda

@@ -258,8 +258,10 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
                               .to(at::kInt)
                               .contiguous();
   const at::Tensor w_sum = wc.sum(1).contiguous();
-  const at::Tensor qc = q.stride(-1) == 1 ? q : q.contiguous();
-  const at::Tensor kc = k.stride(-1) == 1 ? k : k.contiguous();
+  const int dtype = q.scalar_type() == at::kHalf ? 0 : q.scalar_type() == at::kBFloat16 ? 1 : 2;
+  const bool tensor_cores = cuda::cross_scores_on_tensor_cores(dtype, int(s.D));
+  const at::Tensor qc = tensor_cores ? as_tile_loadable(q) : q.stride(-1) == 1 ? q : q.contiguous();
+  const at::Tensor kc = tensor_cores ? as_tile_loadable(k) : k.stride(-1) == 1 ? k : k.contiguous();
   const at::Tensor kb = bias_rows(key_bias);
   const at::Tensor lsec = lse.contiguous();
 
@@ -280,7 +282,6 @@ std::tuple<at::Tensor, at::Tensor> scores_cuda(const at::Tensor& q, const at::Te
   p.D = int(s.D);
   p.scale = float(scale);
   p.causal = causal;
-  const int dtype = q.scalar_type() == at::kHalf ? 0 : q.scalar_type() == at::kBFloat16 ? 1 : 2;
   cuda::cross_scores_launch(p, dtype, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {s_self, s_cross};

@@ -123,12 +123,15 @@ __device__ __forceinline__ int opaque(int x) {
 
 // ---- plain accesses, here so that the emulator checks them ------------------------------------
 __device__ __forceinline__ float ld_global(const float* p) { return __ldg(p); }
+__device__ __forceinline__ int ld_global(const int* p) { return __ldg(p); }
 __device__ __forceinline__ void st_global(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st_global_2(float* p, float x, float y) {
   *reinterpret_cast<float2*>(p) = make_float2(x, y);
 }
 __device__ __forceinline__ void st_global_16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ void st_shared_4(void* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+__device__ __forceinline__ void st_shared_f(float* p, float v) { *p = v; }
+__device__ __forceinline__ float ld_shared_f(const float* p) { return *p; }
 __device__ __forceinline__ uint4 ld_shared_16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
 }  // namespace atp::cuda::ptx

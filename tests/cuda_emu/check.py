@@ -110,6 +110,8 @@ def cross(q, k, lse, bias, w, causal, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[q.dtype]
+    if dt != 2 and D in (64, 128):  # the tensor-core kernel loads 16-byte tiles, as ops_cuda.cpp arranges
+        q, k = loadable(q), loadable(k)
     wc = w.float().contiguous()
     sel = (wc > 0).int()
     n_rows = sel.sum(1, dtype=torch.int32).contiguous()
@@ -335,6 +337,8 @@ ALL += [
     partial(case, 1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4),
     partial(cross_case, 1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5),
     partial(cross_case, 3, 2, 1, 40, 90, 64, torch.float16, True, seed=6),  # sample 2: no rows
+    partial(cross_case, 2, 4, 2, 60, 130, 96, torch.bfloat16, True, seed=7),  # D = 96: the scalar kernel
+    partial(cross_case, 1, 6, 2, 300, 200, 128, torch.float16, False, seed=8),  # 150+ rows: many items
     partial(mask_case, 2, 4, 2, 70, 300, 64, torch.float16, True),
     partial(mask_case, 2, 2, 1, 100, 200, 128, torch.bfloat16, False, seed=1),
     partial(mask_case, 1, 2, 2, 33, 257, 64, torch.bfloat16, False, with_bias=False, seed=2),
@@ -380,7 +384,7 @@ GPU_SUITE += [
 ALL += GPU_SUITE
 
 # What mutations.py runs on each mutated kernel: the forward at both head dims, packed decode,
-# causal with two query blocks and several key tiles, and non-causal with Lq < Lk.
+# causal with two query blocks and several key tiles, non-causal with Lq < Lk; and s_cross.
 MUTATION = [
     partial(case, 1, 8, 2, 3, 200, 64, torch.float16, True, splits=2, do_bwd=False),  # packed decode
     partial(case, 2, 8, 2, 1, 2880, 128, torch.bfloat16, False, bias_kind="pruned_range", splits=3,
@@ -388,6 +392,7 @@ MUTATION = [
     partial(case, 1, 2, 1, 150, 200, 64, torch.float16, True, do_bwd=False),
     partial(case, 1, 2, 1, 150, 200, 128, torch.bfloat16, True, do_bwd=False),
     partial(case, 1, 2, 1, 40, 300, 128, torch.float16, False, do_bwd=False),
+    partial(cross_case, 1, 4, 2, 100, 130, 64, torch.float16, True),  # s_cross on tensor cores
 ]
 
 

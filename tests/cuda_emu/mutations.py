@@ -26,6 +26,7 @@ class Mutation:
 
 
 FWD = "cuda/attention_fwd.cuh"
+SCORES = "cuda/scores.cu"
 MUTATIONS = [
     Mutation("missing_cp_async_wait", FWD,
              "    ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed\n", ""),
@@ -47,6 +48,12 @@ MUTATIONS = [
              "const int hq = kPackGqa ? r / p.Lq : 0", "const int hq = kPackGqa ? r / p.Lq / 2 : 0"),
     Mutation("decode_skips_the_wrong_tile", FWD,
              "next_live = __syncthreads_or(tile_is_live(it + 1));", "next_live = __syncthreads_or(tile_is_live(it + 2));"),
+    Mutation("missing_syncwarp_before_ldmatrix", SCORES,
+             "      __syncwarp();  // the warp's rows are complete\n", ""),
+    Mutation("missing_syncwarp_before_row_gather", SCORES,
+             "      __syncwarp();  // every lane's ldmatrix of the previous item's rows is done\n", ""),
+    Mutation("scores_wrong_lane_mapping_a_fragment", SCORES,
+             "sQ + (lane & 15) * kLd + (2 * kk + (lane >> 4)) * 8", "sQ + (lane & 15) * kLd + (2 * kk + (lane & 1)) * 8"),
     Mutation("prefetch_into_the_buffer_being_read", FWD,
              "sK + ((it + 1) & 1) * kBlockK * kLd", "sK + (it & 1) * kBlockK * kLd"),
 ]

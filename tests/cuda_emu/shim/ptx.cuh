@@ -176,6 +176,10 @@ inline float ld_global(const float* p) {
   emu::check_global(p, 4, "ld_global");
   return *p;
 }
+inline int ld_global(const int* p) {
+  emu::check_global(p, 4, "ld_global");
+  return *p;
+}
 inline void st_global(float* p, float v) {
   emu::check_global(p, 4, "st_global");
   *p = v;
@@ -194,6 +198,14 @@ inline void st_shared_4(void* p, uint32_t v) {
   if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("st_shared_4: not 4-byte aligned");
   emu::on_write(p, 4, "st_shared_4");
   std::memcpy(p, &v, 4);
+}
+inline void st_shared_f(float* p, float v) {
+  emu::on_write(p, 4, "st_shared_f");
+  *p = v;
+}
+inline float ld_shared_f(const float* p) {
+  emu::on_read(p, 4, "ld_shared_f");
+  return *p;
 }
 inline uint4 ld_shared_16(const void* p) {
   detail::check_align(p, "ld_shared_16: not 16-byte aligned");

@@ -101,8 +101,8 @@ def toolkit_bin(name: str) -> str:
     for c in candidates:
         if c.exists():
             return str(c)
-    sys.exit(f"kernel_profile: {name} not found (the toolkit has none; `pip install nvidia-cuda-cuobjdump` "
-             f"provides it)")
+    sys.exit(f"kernel_profile: {name} not found (the toolkit has none; `pip install nvidia-cuda-cuobjdump "
+             f"nvidia-cuda-nvdisasm` provides it)")
 
 
 def cuda_sources() -> list[Path]:
@@ -174,9 +174,15 @@ def parse_ptxas(text: str) -> dict[str, dict]:
 
 
 def sass_functions(cubin: Path) -> dict[str, list[tuple[int, str]]]:
-    """Mangled name -> [(address, instruction text)] from cuobjdump -sass."""
-    text = subprocess.run([toolkit_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
+    """Mangled name -> [(address, instruction text)] from cuobjdump -sass (which runs nvdisasm,
+    found beside it)."""
+    env = dict(os.environ)  # cuobjdump finds nvdisasm on PATH
+    env["PATH"] = os.pathsep.join([str(Path(toolkit_bin("nvdisasm")).parent), env.get("PATH", "")])
+    res = subprocess.run([toolkit_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.exit(f"kernel_profile: cuobjdump -sass failed on {cubin}: {res.stderr.strip()[-500:]} "
+                 f"(it needs nvdisasm beside it: pip install nvidia-cuda-nvdisasm)")
+    text = res.stdout
     funcs, cur = {}, None
     for line in text.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)

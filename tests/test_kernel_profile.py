@@ -1,7 +1,7 @@
 """Static performance targets of the CUDA attention kernels, checked on their compiled SASS
 (bench/kernel_profile.py: nvcc -cubin per architecture, cuobjdump -sass). No GPU needed; skips
-without nvcc or cuobjdump. This checks what the compiled code is (registers, spills, the main
-loop's instruction mix, occupancy), not how fast it runs.
+without nvcc, cuobjdump or nvdisasm. This checks what the compiled code is (registers, spills,
+the main loop's instruction mix, occupancy), not how fast it runs.
 
 Targets (FlashAttention-2's forward on sm_90 has 256 HMMA, 80 LDSM, no LDS/STS per warp and
 key tile, bench/results/fa2_static_sm90.json):
@@ -30,8 +30,10 @@ def _tools():
         pytest.skip("needs nvcc")
     try:
         kp.toolkit_bin("cuobjdump")
+        kp.toolkit_bin("nvdisasm")
     except SystemExit:
-        pytest.skip("needs cuobjdump (the toolkit's, or pip install nvidia-cuda-cuobjdump)")
+        pytest.skip("needs cuobjdump and nvdisasm (the toolkit's, or pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
 
 
 @pytest.fixture(scope="module")

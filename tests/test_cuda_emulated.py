@@ -8,8 +8,8 @@ horizon) must make the cases fail.
 
 This checks the kernels' indexing, masking, tiling, fragment layouts, split-K combination,
 reductions and barrier placement on machines without a GPU; it says nothing about speed or about
-the hardware beyond what the PTX ISA specifies. The backward and s_cross kernels still use WMMA,
-emulated with whole-matrix fragments (shim/mma.h). It needs g++ and the CUDA toolkit's headers
+the hardware beyond what the PTX ISA specifies. The backward kernels still use WMMA, emulated
+with whole-matrix fragments (shim/mma.h). It needs g++ and the CUDA toolkit's headers
 (nvcc on PATH).
 """
 from __future__ import annotations

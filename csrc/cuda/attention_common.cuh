@@ -1,8 +1,7 @@
 // Device helpers shared by the attention forward, backward and score kernels: element
-// conversions, bounded 16-byte tile loads, and the WMMA fragment types (16x16x16, fp16/bf16 in,
-// fp32 accumulate). WMMA is used instead of raw mma.sync on purpose: its fragment layouts are
-// opaque, so every matrix goes through shared memory with an explicit leading dimension and no
-// code depends on which lane holds which element.
+// conversions and -inf; and, for the backward (the one kernel pair not yet on cuda/ptx.cuh's
+// mma.sync fragments), bounded 16-byte tile loads and the WMMA fragment types (16x16x16,
+// fp16/bf16 in, fp32 accumulate), whose opaque layouts make every matrix go through shared memory.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -7,10 +7,9 @@ tests/cuda_emu/mutations.py (a missing wait or barrier, a wrong lane mapping, an
 horizon) must make the cases fail.
 
 This checks the kernels' indexing, masking, tiling, fragment layouts, split-K combination,
-reductions and barrier placement on machines without a GPU; it says nothing about speed or about
-the hardware beyond what the PTX ISA specifies. The backward kernels still use WMMA, emulated
-with whole-matrix fragments (shim/mma.h). It needs g++ and the CUDA toolkit's headers
-(nvcc on PATH).
+reductions, barrier placement and races between blocks on machines without a GPU; it says
+nothing about speed or about the hardware beyond what the PTX ISA specifies. It needs g++ and the
+CUDA toolkit's headers (nvcc on PATH).
 """
 from __future__ import annotations
 
@@ -54,3 +53,18 @@ def test_the_emulator_catches_a_broken_kernel(mutation):
     _toolchain()
     caught, how = mutations.run(mutation)
     assert caught, f"{mutation.name} went unnoticed: {how}"
+
+
+def test_backward_split_policy(emulator):
+    """launch.h's bwd_num_splits, as the host sizes dq_accum: one split per (batch, head) when
+    those fill the SMs, more when few heads would leave SMs idle, and the slices' memory capped."""
+    def splits(heads, key_blocks, slice_bytes, sms=132):
+        return check.lib.emu_bwd_num_splits(check.L(heads), check.L(key_blocks), check.L(slice_bytes), check.L(sms))
+
+    mb = 1 << 20
+    assert splits(264, 23, 100 * mb) == 1      # two full waves already
+    assert splits(8, 23, 4 * mb) > 1           # 8 heads on 132 SMs: the key blocks are shared out
+    s = splits(8, 23, 4 * mb)
+    assert s * 8 <= 2 * 132 and s <= 23        # no more blocks than key blocks, ~ the SMs
+    assert splits(8, 23, 200 * mb) == 1        # two slices would exceed 256 MB
+    assert splits(1, 1, mb) == 1 and splits(4, 0, mb) == 1

@@ -8,8 +8,11 @@ key tile, bench/results/fa2_static_sm90.json):
 - the forward kernels the host launches: no spills; a key loop without inner loops, LDS or STS,
   tiles by LDGSTS; on sm_90 >= 128 HMMA and <= 0.35 LDSM per HMMA per warp-iteration; at least
   FlashAttention-2's occupancy on sm_90 and sm_80;
-- the backward: <= 0.6 shared-memory instructions per HMMA and no LDS in its main loop. The
-  backward is still the WMMA one, so that test is an expected failure until it is replaced.
+- the backward kernels the host launches: no spills; a query loop without inner loops or LDS,
+  whose only shared stores are P and dS (2 kSM kSN STS.32 per warp), with at least
+  FlashAttention-2's occupancy on sm_90 and sm_80; on sm_90 at D = 128, <= 0.6 shared-memory
+  instructions per HMMA (FA2's backward: 320 HMMA, 144 LDSM, 32 STS). At D = 64 the P and dS
+  stores alone are 0.2 per HMMA and the kernel takes 0.65: an expected failure, kept strict.
 """
 from __future__ import annotations
 
@@ -87,11 +90,44 @@ def test_forward_occupancy_at_least_flash_attention_2s(rows):
             assert r["occupancy"]["warps_per_sm"] >= 4 * fa2_blocks, f"{_name(r)}: {r['occupancy']}"
 
 
-@pytest.mark.xfail(strict=True, reason="the backward is still the WMMA one (7 matmuls through shared memory)")
-def test_backward_meets_flash_attention_2s_ratios(rows):
-    for base in ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
-        for r in _launched(rows, base, "sm_90"):
-            loop = r["main_loop"]
-            assert r["spill_stores"] == 0, f"{_name(r)} spills"
-            assert loop["inner_loops"] == 0 and loop["LDS"] == 0, f"{_name(r)}: {loop}"
-            assert loop["LDSM"] + loop["STS"] <= 0.6 * loop["HMMA"], f"{_name(r)}: {loop}"
+def test_backward_kernels_do_not_spill_and_store_only_p_and_ds(rows):
+    for r in _launched(rows, "attention_bwd_kernel"):
+        assert r["spill_stores"] == r["spill_loads"] == 0, f"{_name(r)} spills"
+        loop = r["main_loop"]
+        assert loop and loop["HMMA"] > 0, f"{_name(r)}: no query loop with HMMA"
+        assert loop["inner_loops"] == 0 and loop["LDS"] == 0, f"{_name(r)}: {loop}"
+        # P and dS, one packed pair per (m tile, n tile, row half) of the warp's S tile each:
+        # HMMA per warp-iteration = 5 matmuls x kSM x kSN x D / 16.
+        d = int(r["args"][1])
+        s_tiles = loop["HMMA"] // 5 // (d // 16)
+        assert loop["STS"] == 2 * 2 * s_tiles, f"{_name(r)}: {loop['STS']} STS for {s_tiles} S tiles per warp"
+        assert loop["LDGSTS"] > 0, f"{_name(r)}: tiles not fetched by cp.async: {loop}"
+
+
+def test_backward_occupancy_at_least_flash_attention_2s(rows):
+    fa2 = json.loads((REPO / "bench/results/fa2_static_sm90.json").read_text())
+    fa2_bwd = [k for k in fa2["kernels"] if k["kind"] == "backward" and "64x128" in k["label"]]
+    # FA2's hdim-128 backward: 8 warps, Q double-buffered, K, V, dO, P, dS: 144 KB of shared memory
+    for arch in ("sm_80", "sm_90"):
+        fa2_blocks = min(kp.occupancy(arch, k["registers"], 256, 144 * 1024)["blocks_per_sm"] for k in fa2_bwd)
+        for r in _launched(rows, "attention_bwd_kernel", arch):
+            assert r["occupancy"]["warps_per_sm"] >= 8 * fa2_blocks, f"{_name(r)}: {r['occupancy']}"
+
+
+def _backward_ratio_ok(r):
+    loop = r["main_loop"]
+    return loop["LDSM"] + loop["STS"] + loop["LDS"] <= 0.6 * loop["HMMA"]
+
+
+def test_backward_on_sm90_meets_flash_attention_2s_ratio_at_d128(rows):
+    for r in _launched(rows, "attention_bwd_kernel", "sm_90"):
+        if r["args"][1] == "128":
+            assert _backward_ratio_ok(r), f"{_name(r)}: {r['main_loop']}"
+
+
+@pytest.mark.xfail(strict=True, reason="D = 64: 144 LDSM + 64 STS per 320 HMMA (0.65); the P and dS stores "
+                                       "are 0.2 per HMMA at D = 64 whatever the tiles")
+def test_backward_on_sm90_meets_the_ratio_at_d64(rows):
+    for r in _launched(rows, "attention_bwd_kernel", "sm_90"):
+        if r["args"][1] == "64":
+            assert _backward_ratio_ok(r), f"{_name(r)}: {r['main_loop']}"

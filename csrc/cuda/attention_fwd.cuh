@@ -33,6 +33,7 @@
 #include "cuda/launch.h"
 #include "cuda/ptx.cuh"
 #include "cuda/static_switch.h"
+#include "cuda/tiles.cuh"
 
 namespace atp::cuda {
 
@@ -51,44 +52,6 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kOffV + 2 * kBlockK * kLd * 2;
   static_assert(kD % 16 == 0 && kBlockK % 16 == 0, "mma k-steps are 16 wide");
 };
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a tile of pitch kD + 8.
-template <int kD>
-__device__ __forceinline__ int tile_offset(int row, int chunk) {
-  return row * (kD + 8) + chunk * 8;
-}
-
-// Sets every accumulator of a [m tiles][n tiles] array of mma C fragments to 0.
-template <int kM, int kN>
-__device__ __forceinline__ void zero_fragments(float (&c)[kM][kN][4]) {
-#pragma unroll
-  for (int mi = 0; mi < kM; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < kN; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) c[mi][ni][e] = 0.f;
-}
-
-// Issues the cp.async copies of rows [row0, row0 + kRows) of a (n_rows x kD) matrix (row stride
-// `row_stride` elements) into a tile of pitch kD + 8; rows >= n_rows are zero-filled, so they add
-// exactly 0 to every product. All kThreads threads call it; the caller commits and waits.
-template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void cp_async_tile(T* tile, const T* src, int64_t row_stride, int row0,
-                                              int n_rows) {
-  constexpr int kChunks = kD / 8;
-  constexpr int kRowStep = kThreads / kChunks;  // rows per round
-  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "whole rounds of 16-byte copies");
-  const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
-  T* dst = tile + tile_offset<kD>(r0, c);
-  const T* from = src + int64_t(row0 + r0) * row_stride + c * 8;
-  const int64_t step = kRowStep * row_stride;  // one pointer bump per round: no hoisted offsets
-  const int left = n_rows - row0 - r0;         // rows of this thread's phase still in range
-#pragma unroll
-  for (int it = 0; it < kRows / kRowStep; ++it, from += step) {
-    const bool valid = it * kRowStep < left;
-    ptx::cp_async_16(dst + it * kRowStep * (kD + 8), valid ? from : src, valid);
-  }
-}
 
 // grid (ceil(Lq / kBlockQ) * num_splits, Hq, B). Output rows are written only for i < Lq.
 template <typename T, int kD, int kBlockK_, bool kCausal, bool kPackGqa>
@@ -135,7 +98,6 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   const float scale_log2 = p.scale * kLog2e;
   const int wrow = warp * 16 * kMT;       // the warp's first row within the block
   // The causal horizon of this lane's row (mi, hf): it sees keys j <= horizon(mi, hf). Unpacked,
@@ -182,7 +144,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
 
   // A operand of Q row tile mi, k-step kk, read by ldmatrix.x4.
   auto load_q = [&](uint32_t (&a)[4], int mi, int kk) {
-    ptx::ldmatrix_x4(a, sQ + tile_offset<kD>(wrow + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+    load_a<kLd>(a, sQ, wrow + mi * 16, 16 * kk);
   };
   uint32_t qf[Tr::kQInRegs ? kMT : 1][Tr::kQInRegs ? kD / 16 : 1][4];
   if constexpr (Tr::kQInRegs) {
@@ -247,8 +209,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t kb[4];
-        ptx::ldmatrix_x4(kb, tK + tile_offset<kD>(16 * np + (lane & 7) + ((lane >> 4) << 3),
-                                              2 * kk + ((lane >> 3) & 1)));
+        load_b<kLd>(kb, tK, 16 * np, 16 * kk);
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
           ptx::mma_16816<T>(s[mi][2 * np], a[mi], kb[0], kb[1]);
@@ -329,8 +290,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb, tV + tile_offset<kD>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                    2 * dp + (lane >> 4)));
+        load_b_trans<kLd>(vb, tV, 16 * dp, 16 * kk);
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
           ptx::mma_16816<T>(o[mi][2 * dp], pa[mi], vb[0], vb[1]);

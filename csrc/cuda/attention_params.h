@@ -44,6 +44,10 @@ struct AttentionBwdParams : AttentionParams {
   int64_t out_batch_stride, out_head_stride, out_row_stride;
   float* delta;        // [B, Hq, Lq] contiguous scratch: rowsum(dO * O) - dlse
   void* dq;            // [B, Hq, Lq, D] contiguous, q's dtype
+  // Deterministic dQ (attention_bwd.cuh): the key blocks of each (batch, head) are dealt to
+  // num_splits blocks, each summing its share into its own zero-initialised float slice.
+  int num_splits;
+  float* dq_accum;     // [num_splits, B, Hq, Lq, D] contiguous, zeroed by the caller
   float* dk_accum;     // [B, Hq, Lk, D] contiguous, dK per query head (summed over GQA on host)
   float* dv_accum;     // [B, Hq, Lk, D] contiguous, dV per query head
   float* dbias_accum;  // [B, Hq, Lk] contiguous, column sums of dS per query head

@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/attention_params.h"
@@ -59,6 +60,25 @@ inline int64_t fwd_row_blocks(int64_t Lq, int64_t Hq, int64_t Hkv) {
 // Blocks of a forward launch before split-K.
 inline int64_t fwd_blocks(int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv) {
   return B * (fwd_packs_gqa(Lq, Hq, Hkv) ? Hkv : Hq) * fwd_row_blocks(Lq, Hq, Hkv);
+}
+
+// The backward's tiles (attention_bwd.cuh): a block owns bwd_block_n keys and walks the queries
+// bwd_block_m rows at a time; the larger tiles where an SM has sm_80's 164 KB of shared memory.
+constexpr bool bwd_large_tiles(int smem_per_sm) { return smem_per_sm >= 164 * 1024; }
+constexpr int bwd_block_m(int d, int smem_per_sm) { return d <= 64 && bwd_large_tiles(smem_per_sm) ? 128 : 64; }
+constexpr int bwd_block_n(int d, int smem_per_sm) { return d <= 64 || bwd_large_tiles(smem_per_sm) ? 128 : 64; }
+// How many blocks share the key blocks of one (batch, head) in the backward (one block per SM):
+// the count that minimises waves x key blocks per split, so few heads still fill the GPU, with
+// the num_splits dq_accum slices (slice_bytes each) kept under 256 MB unless one is larger.
+inline int bwd_num_splits(int64_t heads, int64_t key_blocks, int64_t slice_bytes, int64_t sms) {
+  constexpr int64_t kMaxAccumBytes = int64_t(256) << 20;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(key_blocks, kMaxAccumBytes / std::max<int64_t>(1, slice_bytes)));
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t cost = (s * heads + sms - 1) / sms * ((key_blocks + s - 1) / s);
+    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return int(best);
 }
 
 inline void attention_fwd_launch(const AttentionFwdParams& p, AttnDtype dtype, cudaStream_t stream) {

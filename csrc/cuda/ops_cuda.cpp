@@ -164,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   return {out, lse};
 }
 
-// The CUDA backward is deterministic whatever `deterministic` says: no atomics, per-head dK/dV/
-// d key_bias buffers reduced over the GQA group by at::sum (attention_bwd.cuh).
+// The CUDA backward is deterministic whatever `deterministic` says: no atomics, dQ summed over
+// per-split slices in a fixed order, per-head dK/dV/d key_bias buffers reduced over the GQA group
+// by at::sum (attention_bwd.cuh).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_bias,
@@ -192,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dv_h = at::empty({s.B, s.Hq, s.Lk, s.D}, f32);
   at::Tensor dbias_h = at::empty({s.B, s.Hq, s.Lk}, f32);
   at::Tensor delta = at::empty({s.B, s.Hq, s.Lq}, f32);
+  at::Tensor dq_accum;
   if (s.B * s.Hq > 0 && (s.Lq > 0 || s.Lk > 0)) {
     const at::Tensor qc = as_tile_loadable(q), kc = as_tile_loadable(k), vc = as_tile_loadable(v);
     const at::Tensor doc = as_tile_loadable(grad_out), oc = as_tile_loadable(out);
@@ -209,6 +211,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
     p.delta = delta.data_ptr<float>();
     p.dq = dq.data_ptr();
+    int dev_smem = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                          c10::cuda::current_device()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+    const int64_t block_n = cuda::bwd_block_n(int(s.D), dev_smem);
+    p.num_splits = cuda::bwd_num_splits(s.B * s.Hq, (s.Lk + block_n - 1) / block_n,
+                                        s.B * s.Hq * s.Lq * s.D * int64_t(sizeof(float)), sms);
+    dq_accum = at::zeros({p.num_splits, s.B, s.Hq, s.Lq, s.D}, f32);
+    p.dq_accum = dq_accum.data_ptr<float>();
     p.dk_accum = dk_h.data_ptr<float>();
     p.dv_accum = dv_h.data_ptr<float>();
     p.dbias_accum = dbias_h.data_ptr<float>();

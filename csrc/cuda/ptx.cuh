@@ -124,6 +124,8 @@ __device__ __forceinline__ int opaque(int x) {
 // ---- plain accesses, here so that the emulator checks them ------------------------------------
 __device__ __forceinline__ float ld_global(const float* p) { return __ldg(p); }
 __device__ __forceinline__ int ld_global(const int* p) { return __ldg(p); }
+// A coherent load (not through the read-only path): sees this thread's own earlier stores.
+__device__ __forceinline__ float2 ld_global_2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ void st_global(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st_global_2(float* p, float x, float y) {
   *reinterpret_cast<float2*>(p) = make_float2(x, y);

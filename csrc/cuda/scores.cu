@@ -16,6 +16,7 @@
 #include "cuda/attention_common.cuh"
 #include "cuda/launch.h"
 #include "cuda/ptx.cuh"
+#include "cuda/tiles.cuh"
 
 namespace atp::cuda {
 namespace {
@@ -100,7 +101,6 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(CrossTcTraits<kD>::kThreads) cross_scores_tc_kernel(const CrossScoresParams p) {
   using Tr = CrossTcTraits<kD>;
   constexpr int kLd = Tr::kLd, kNT = kKeys / 8, kChunks = kD / 8;
-  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -156,11 +156,11 @@ __global__ void __launch_bounds__(CrossTcTraits<kD>::kThreads) cross_scores_tc_k
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         uint32_t a[4];
-        ptx::ldmatrix_x4(a, sQ + (lane & 15) * kLd + (2 * kk + (lane >> 4)) * 8);
+        load_a<kLd>(a, sQ, 0, 16 * kk);
 #pragma unroll
         for (int np = 0; np < kNT / 2; ++np) {
           uint32_t kb[4];
-          ptx::ldmatrix_x4(kb, sK + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * kLd + (2 * kk + ((lane >> 3) & 1)) * 8);
+          load_b<kLd>(kb, sK, 16 * np, 16 * kk);
           ptx::mma_16816<T>(s[2 * np], a, kb[0], kb[1]);
           ptx::mma_16816<T>(s[2 * np + 1], a, kb[2], kb[3]);
         }

@@ -3,8 +3,7 @@
 # /tmp/atp_cuda_emu): copies csrc/, rewrites the few CUDA-only constructs (dynamic shared
 # memory declarations, <<<>>> launches, cudaFuncSetAttribute, the device queries) into calls of
 # shim/emu_runtime.h, replaces csrc/cuda/ptx.cuh (every inline-PTX line) by shim/ptx.cuh, and
-# compiles emu_api.cpp and emu_soft_mask.cpp with g++ (shim/mma.h emulates the WMMA calls of the
-# kernels that still use WMMA). Then
+# compiles emu_api.cpp and emu_soft_mask.cpp with g++. Then
 #   python tests/cuda_emu/check.py [quick|all]
 # runs the real kernel code, one std::thread per CUDA thread, against atp_ops.reference.
 # It checks indexing, masking, barriers, fragment layouts, cp.async groups, shared-memory races and

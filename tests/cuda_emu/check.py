@@ -82,11 +82,17 @@ def fwd(q, k, v, bias, causal, scale, splits=1, arch="sm_90"):
     return out, lse
 
 
-def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None):
+def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None, arch="sm_90", splits=None):
+    """The backward; `splits` blocks per (batch, head) share its key blocks (None: as the host
+    would choose on a 132-SM GPU)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v, do, out = map(loadable, (q, k, v, do, out))
     dt = 0 if q.dtype == torch.float16 else 1
+    if splits is None:
+        block_n = lib.emu_bwd_block_n(I(D), I(SMEM_PER_SM[arch]))
+        splits = lib.emu_bwd_num_splits(L(B * Hq), L(-(-Lk // block_n)), L(B * Hq * Lq * D * 4), L(132))
+    dq_accum = torch.zeros(splits, B, Hq, Lq, D)
     delta = torch.empty(B, Hq, Lq)
     dq = torch.empty(B, Hq, Lq, D, dtype=q.dtype)
     dk = torch.full((B, Hq, Lk, D), float("nan"))
@@ -94,12 +100,13 @@ def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None):
     db = torch.full((B, Hq, Lk), float("nan"))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    register(q, k, v, bias, do, out, lse, dlse, delta, dq, dk, dv, db, grad_bias)
+    register(q, k, v, bias, do, out, lse, dlse, delta, dq, dk, dv, db, grad_bias, dq_accum)
+    lib.emu_set_smem_per_sm(I(SMEM_PER_SM[arch]))
     lib.emu_bwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(do), strides(do), ptr(out), strides(out), ptr(lse), ptr(dlse),
                 ptr(delta), ptr(dq), ptr(dk), ptr(dv), ptr(db), ptr(grad_bias),
-                L(grad_bias.stride(0) if grad_bias is not None else 0))
+                L(grad_bias.stride(0) if grad_bias is not None else 0), I(splits), ptr(dq_accum))
     g = Hq // Hkv
     dk = dk.view(B, Hkv, g, Lk, D).sum(2)
     dv = dv.view(B, Hkv, g, Lk, D).sum(2)
@@ -186,7 +193,7 @@ def err(name, a, r, lp=None):
 
 
 def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do_bwd=True, layout="contig", seed=0,
-         arch="sm_90"):
+         arch="sm_90", bwd_splits=None):
     g = torch.Generator().manual_seed(seed)
     def mk(h, l):
         if layout == "blhd":
@@ -218,7 +225,7 @@ def case(B, Hq, Hkv, Lq, Lk, D, dtype, causal, bias_kind="neg_inf", splits=1, do
         return ok
     do = torch.randn(out.shape, generator=g).to(dtype)
     dlse = torch.randn(lse.shape, generator=g)
-    dq, dk, dv, db = bwd(do, dlse, q, k, v, bias, out, lse, causal, scale)
+    dq, dk, dv, db = bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, arch=arch, splits=bwd_splits)
     def grads(o, l, ins):
         fl = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
         loss = (o * do.to(o.dtype)).float().sum() + (fl.float() * dlse).sum()
@@ -378,13 +385,17 @@ GPU_SUITE += [
     partial(case, 1, 32, 2, 12, 700, 64, torch.bfloat16, True, splits=3, do_bwd=False, seed=12),
     partial(case, 1, 32, 2, 12, 700, 128, torch.float16, False, do_bwd=False, seed=13),
     partial(case, 2, 4, 4, 3, 300, 128, torch.bfloat16, True, splits=2, do_bwd=False, seed=14),
+    # the backward's key blocks dealt to several blocks per head (each with its own dQ slice)
+    partial(case, 1, 2, 1, 150, 600, 128, torch.float16, True, bwd_splits=3, seed=20),
+    partial(case, 2, 2, 2, 200, 300, 64, torch.bfloat16, False, bwd_splits=2, arch="sm_86", seed=21),
     partial(skip_case, 2, 8, 2, 1, 2880, 128, torch.float16, False, splits=4, seed=15),
     partial(skip_case, 1, 16, 4, 4, 2100, 64, torch.bfloat16, True, splits=1, seed=16),
 ]
 ALL += GPU_SUITE
 
 # What mutations.py runs on each mutated kernel: the forward at both head dims, packed decode,
-# causal with two query blocks and several key tiles, non-causal with Lq < Lk; and s_cross.
+# causal with two query blocks and several key tiles, non-causal with Lq < Lk; s_cross; the
+# backward with several splits per head.
 MUTATION = [
     partial(case, 1, 8, 2, 3, 200, 64, torch.float16, True, splits=2, do_bwd=False),  # packed decode
     partial(case, 2, 8, 2, 1, 2880, 128, torch.bfloat16, False, bias_kind="pruned_range", splits=3,
@@ -393,6 +404,10 @@ MUTATION = [
     partial(case, 1, 2, 1, 150, 200, 128, torch.bfloat16, True, do_bwd=False),
     partial(case, 1, 2, 1, 40, 300, 128, torch.float16, False, do_bwd=False),
     partial(cross_case, 1, 4, 2, 100, 130, 64, torch.float16, True),  # s_cross on tensor cores
+    # the backward: causal with 3 key blocks dealt to 3 splits (a key block whose first row is
+    # the last of a query block), and D = 64 over 2 splits
+    partial(case, 1, 2, 1, 299, 300, 128, torch.float16, True, bwd_splits=3, seed=22),
+    partial(case, 1, 2, 2, 200, 290, 64, torch.bfloat16, True, bwd_splits=2, seed=23),
 ]
 
 

@@ -37,7 +37,7 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
                         int causal, const void* dout, const int64_t* dos, const void* out,
                         const int64_t* os, const float* lse, const float* dlse, float* delta,
                         void* dq, float* dk, float* dv, float* dbias, const float* grad_bias,
-                        int64_t grad_bias_stride) {
+                        int64_t grad_bias_stride, int num_splits, float* dq_accum) {
   AttentionBwdParams p{};
   fill(p, B, Hq, Hkv, Lq, Lk, D, q, qs, k, ks, v, vs, bias, bias_stride, scale, causal);
   p.dout = dout; p.out = out;
@@ -46,6 +46,7 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
   p.lse = lse; p.dlse = dlse; p.delta = delta; p.dq = dq; p.dk_accum = dk; p.dv_accum = dv;
   p.dbias_accum = dbias;
   p.grad_bias = grad_bias; p.grad_bias_batch_stride = grad_bias_stride;
+  p.num_splits = num_splits; p.dq_accum = dq_accum;
   if (dtype == 0 && D == 64) run_attention_bwd<__half, 64>(p, nullptr);
   if (dtype == 0 && D == 128) run_attention_bwd<__half, 128>(p, nullptr);
   if (dtype == 1 && D == 64) run_attention_bwd<__nv_bfloat16, 64>(p, nullptr);
@@ -68,6 +69,12 @@ extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int
   cross_scores_launch(p, dtype, nullptr);
 }
 
+
+// The host's backward policy (launch.h): keys per block, and blocks per (batch, head).
+extern "C" int emu_bwd_block_n(int d, int smem_per_sm) { return bwd_block_n(d, smem_per_sm); }
+extern "C" int emu_bwd_num_splits(int64_t heads, int64_t key_blocks, int64_t slice_bytes, int64_t sms) {
+  return bwd_num_splits(heads, key_blocks, slice_bytes, sms);
+}
 
 // The global buffers the next launches may touch (bounds-checked by shim/ptx.cuh's accesses).
 extern "C" void emu_register(const void* p, int64_t bytes) { emu::register_buffer(p, size_t(bytes)); }

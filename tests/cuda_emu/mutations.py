@@ -26,7 +26,9 @@ class Mutation:
 
 
 FWD = "cuda/attention_fwd.cuh"
+BWD = "cuda/attention_bwd.cuh"
 SCORES = "cuda/scores.cu"
+TILES = "cuda/tiles.cuh"  # the fragment loaders of every mma kernel
 MUTATIONS = [
     Mutation("missing_cp_async_wait", FWD,
              "    ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed\n", ""),
@@ -37,9 +39,9 @@ MUTATIONS = [
     Mutation("wrong_lane_mapping_p_fragment", FWD,
              "pa[mi][1] = ptx::pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);",
              "pa[mi][1] = ptx::pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);"),
-    Mutation("wrong_lane_mapping_k_ldmatrix", FWD,
-             "16 * np + (lane & 7) + ((lane >> 4) << 3)",
-             "16 * np + (lane & 7) + (((lane >> 3) & 1) << 3)"),
+    Mutation("wrong_lane_mapping_k_ldmatrix", TILES,
+             "(n0 + (lane & 7) + ((lane >> 4) << 3)) * kLd + k0 + (((lane >> 3) & 1) << 3)",
+             "(n0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * kLd + k0 + ((lane >> 4) << 3)"),
     Mutation("causal_horizon_off_by_one", FWD,
              "if (causal_tile && j > horizon(mi, hf))", "if (causal_tile && j >= horizon(mi, hf))"),
     Mutation("causal_block_skip_off_by_one", FWD,
@@ -52,8 +54,19 @@ MUTATIONS = [
              "      __syncwarp();  // the warp's rows are complete\n", ""),
     Mutation("missing_syncwarp_before_row_gather", SCORES,
              "      __syncwarp();  // every lane's ldmatrix of the previous item's rows is done\n", ""),
-    Mutation("scores_wrong_lane_mapping_a_fragment", SCORES,
-             "sQ + (lane & 15) * kLd + (2 * kk + (lane >> 4)) * 8", "sQ + (lane & 15) * kLd + (2 * kk + (lane & 1)) * 8"),
+    Mutation("wrong_lane_mapping_a_fragment", TILES,
+             "(m0 + (lane & 15)) * kLd + k0 + ((lane >> 4) << 3)", "(m0 + (lane & 15)) * kLd + k0 + ((lane & 1) << 3)"),
+    Mutation("bwd_missing_barrier_before_dv", BWD,
+             "      __syncthreads();  // P and dS are complete\n", ""),
+    Mutation("bwd_wrong_lane_mapping_p_transpose", TILES,
+             "(k0 + (lane & 7) + ((lane >> 4) << 3)) * kLd + m0 + (((lane >> 3) & 1) << 3)",
+             "(k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * kLd + m0 + ((lane >> 4) << 3)"),
+    Mutation("bwd_causal_skip_off_by_one", BWD,
+             "const int m_begin = kCausal ? max(0, j0 - offset) / kBlockM : 0;",
+             "const int m_begin = kCausal ? max(0, j0 - offset + 1) / kBlockM : 0;"),
+    Mutation("bwd_dq_slice_of_another_split", BWD,
+             "float* dq_slice = p.dq_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq * kD;",
+             "float* dq_slice = p.dq_accum + (int64_t(split / 2) * p.B * p.Hq + bh) * p.Lq * kD;"),
     Mutation("prefetch_into_the_buffer_being_read", FWD,
              "sK + ((it + 1) & 1) * kBlockK * kLd", "sK + (it & 1) * kBlockK * kLd"),
 ]

@@ -18,7 +18,10 @@
 //   byte an in-flight cp.async will overwrite is a failure; a thread that exits with copies in
 //   flight is a failure;
 // - global memory accessed through shim/ptx.cuh: inside one of the buffers the caller
-//   registered (register_buffer), when any are registered.
+//   registered (register_buffer), when any are registered; and no races between blocks, which
+//   the hardware runs in no fixed order: within one launch, a word stored by one block may not
+//   be stored, loaded (ld_global, ld_global_2) or have been loaded (ld_global_2, the coherent
+//   load) by another.
 #pragma once
 #include <ucontext.h>
 
@@ -30,6 +33,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 #include <cuda_runtime.h>
@@ -48,6 +52,41 @@ inline void register_buffer(const void* p, size_t bytes) {
   g_buffers.emplace_back(reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p) + bytes);
 }
 inline void clear_buffers() { g_buffers.clear(); }
+// The blocks of the current launch that stored / loaded each touched 4-byte word of global
+// memory (-1: none; reader -2: several).
+struct GlobalWord {
+  int writer = -1, reader = -1;
+};
+inline std::unordered_map<uintptr_t, GlobalWord> g_words;
+inline int block_id();
+[[noreturn]] inline void global_race(const char* what, uintptr_t a, int other) {
+  std::fprintf(stderr, "EMU FAILURE: %s: global race between blocks %d and %d at %p (same launch)\n", what, block_id(),
+               other, reinterpret_cast<void*>(a));
+  std::abort();
+}
+inline void global_stored(const void* p, size_t bytes, const char* what) {
+  const int me = block_id();
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3); a < reinterpret_cast<uintptr_t>(p) + bytes; a += 4) {
+    GlobalWord& w = g_words[a];
+    if (w.writer >= 0 && w.writer != me) global_race(what, a, w.writer);
+    if (w.reader != -1 && w.reader != me) global_race(what, a, w.reader);
+    w.writer = me;
+  }
+}
+// track: remember the reader (coherent loads; the read-only path is only checked).
+inline void global_loaded(const void* p, size_t bytes, const char* what, bool track) {
+  const int me = block_id();
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3); a < reinterpret_cast<uintptr_t>(p) + bytes; a += 4) {
+    if (!track) {
+      const auto it = g_words.find(a);
+      if (it != g_words.end() && it->second.writer >= 0 && it->second.writer != me) global_race(what, a, it->second.writer);
+      continue;
+    }
+    GlobalWord& w = g_words[a];
+    if (w.writer >= 0 && w.writer != me) global_race(what, a, w.writer);
+    w.reader = (w.reader == -1 || w.reader == me) ? me : -2;
+  }
+}
 inline void check_global(const void* p, size_t bytes, const char* what) {
   if (g_buffers.empty()) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -317,6 +356,8 @@ struct Entry {
   }
 };
 
+inline int block_id() { return int((cur->bid.z * cur->gdim.y + cur->bid.y) * cur->gdim.x + cur->bid.x); }
+
 template <class Kernel, class P>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, const P& p) {
   const int n = block.x * block.y * block.z;
@@ -326,6 +367,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_
   unsigned char* base = smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(smem_buf.data()) % 128);
   std::unique_ptr<char[]> stacks(new char[kStackBytes * n]);
   using E = Entry<Kernel, P>;
+  g_words.clear();  // a new launch: blocks of earlier launches are ordered before it
   E::kernel = kernel;
   E::params = &p;
   for (unsigned bz = 0; bz < grid.z; ++bz)

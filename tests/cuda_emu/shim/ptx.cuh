@@ -174,24 +174,35 @@ inline float exp2(float x) {
 // ---- plain accesses ----------------------------------------------------------------------------
 inline float ld_global(const float* p) {
   emu::check_global(p, 4, "ld_global");
+  emu::global_loaded(p, 4, "ld_global", false);
   return *p;
 }
 inline int ld_global(const int* p) {
   emu::check_global(p, 4, "ld_global");
+  emu::global_loaded(p, 4, "ld_global", false);
   return *p;
+}
+inline float2 ld_global_2(const float* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu::fail("ld_global_2: not 8-byte aligned");
+  emu::check_global(p, 8, "ld_global_2");
+  emu::global_loaded(p, 8, "ld_global_2", true);
+  return make_float2(p[0], p[1]);
 }
 inline void st_global(float* p, float v) {
   emu::check_global(p, 4, "st_global");
+  emu::global_stored(p, 4, "st_global");
   *p = v;
 }
 inline void st_global_2(float* p, float x, float y) {
   if (reinterpret_cast<uintptr_t>(p) % 8 != 0) emu::fail("st_global_2: not 8-byte aligned");
   emu::check_global(p, 8, "st_global_2");
+  emu::global_stored(p, 8, "st_global_2");
   p[0] = x, p[1] = y;
 }
 inline void st_global_16(void* p, uint4 v) {
   detail::check_align(p, "st_global_16: not 16-byte aligned");
   emu::check_global(p, 16, "st_global_16");
+  emu::global_stored(p, 16, "st_global_16");
   std::memcpy(p, &v, 16);
 }
 inline void st_shared_4(void* p, uint32_t v) {

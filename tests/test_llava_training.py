@@ -382,6 +382,31 @@ def test_ddp_two_processes_keep_atp_parameters_in_sync(tmp_path):
     assert any(not torch.equal(r0["state"][k], init[k]) for k in init), "the ATP parameters did not train"
 
 
+def test_atp_stats_and_losses_are_output_fields_that_survive_ddp(tmp_path, batch3):
+    """DDP with find_unused_parameters rebuilds the ModelOutput from its fields (torch pytree):
+    atp_stats and atp_losses must be fields, not attributes set on the output."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=100)).train()
+    plain = model(**batch3, use_cache=False)
+    names = {f.name for f in dataclasses.fields(plain)}
+    assert {"atp_stats", "atp_losses"} <= names and "atp_stats" in plain.keys()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        out = ddp(**batch3, use_cache=False)
+        assert type(out) is type(plain)
+        assert out.atp_stats is not None and out.atp_losses is not None, "the rebuilt output lost the ATP fields"
+        assert torch.equal(out.atp_stats["tokens"], plain.atp_stats["tokens"])
+        assert torch.equal(out.loss, plain.loss) and out.atp_losses["loss_atp"].requires_grad
+        out.loss.backward()  # through DDP's rebuilt output
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------
 # data and the entry point
 

@@ -33,6 +33,7 @@ windows, which it does not implement.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 import weakref
@@ -434,10 +435,9 @@ class ATPController:
             stats["loss_ntp"] = loss.detach()
             if self.config.mode == "adaptive":
                 output.loss = loss + budget  # Eq. 14
-        output.atp_stats = stats
-        # The live (graph-connected) budget terms, for custom objectives and tests.
-        output.atp_losses = live_losses
-        return output
+        # atp_stats and the live (graph-connected) budget terms, for custom objectives and
+        # loggers, as fields of the output: wrappers that rebuild it (DDP) keep them.
+        return with_atp_fields(output, atp_stats=stats, atp_losses=live_losses)
 
     def _stats(self, module, state: ATPState) -> Tuple[Dict[str, Any], torch.Tensor, Dict[str, torch.Tensor]]:
         """(atp_stats of a full forward (see apply_atp), the live budget term
@@ -693,6 +693,34 @@ def _last_rows(rows: torch.Tensor) -> torch.Tensor:
     has = last >= 0
     out[has.nonzero().squeeze(1), last[has]] = True
     return out
+
+
+_ATP_OUTPUT_TYPES: Dict[type, type] = {}
+
+
+def atp_output_type(cls: type) -> type:
+    """The ModelOutput dataclass ``cls`` with two more fields, ``atp_stats`` and ``atp_losses``
+    (one subclass per output class, made once: transformers registers every ModelOutput
+    subclass as a torch pytree node, so DDP and torch.compile see the fields)."""
+    if cls not in _ATP_OUTPUT_TYPES:
+        if any(f.name == "atp_stats" for f in dataclasses.fields(cls)):
+            _ATP_OUTPUT_TYPES[cls] = cls
+        else:
+            fields = [("atp_stats", Optional[Dict[str, Any]], field(default=None)),
+                      ("atp_losses", Optional[Dict[str, torch.Tensor]], field(default=None))]
+            sub = dataclasses.make_dataclass(f"ATP{cls.__name__}", fields, bases=(cls,))
+            sub.__module__ = __name__
+            sub.__doc__ = f"{cls.__name__} with ATP-LLaVA's ``atp_stats`` and ``atp_losses``."
+            _ATP_OUTPUT_TYPES[cls] = sub
+    return _ATP_OUTPUT_TYPES[cls]
+
+
+def with_atp_fields(output, atp_stats: Dict[str, Any], atp_losses: Dict[str, torch.Tensor]):
+    """``output`` (a ModelOutput) as its ATP subclass, with the two fields set."""
+    cls = atp_output_type(type(output))
+    values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    values.update(atp_stats=atp_stats, atp_losses=atp_losses)
+    return cls(**values)
 
 
 def _output_cache(output) -> Optional[Any]:

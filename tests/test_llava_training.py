@@ -5,6 +5,7 @@ All on a tiny random LLaVA with the real 24 x 24 = 576-token image layout (tiny_
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -382,20 +383,92 @@ def test_ddp_two_processes_keep_atp_parameters_in_sync(tmp_path):
     assert any(not torch.equal(r0["state"][k], init[k]) for k in init), "the ATP parameters did not train"
 
 
+@contextlib.contextmanager
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone (world size 1), for the wrappers' own code."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def text_only_batch(b=2, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (b, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_path, batch3):
+    """fully_shard on every decoder layer, on model.atp and on the root: every ATP layer runs
+    (the state reaches them through an opaque handle FSDP2 does not copy), the threshold MLPs
+    run as model.atp's forward (their parameters gathered), and two AdamW steps give the
+    unsharded model's parameters to float32 rounding (one rank: the shards are whole)."""
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = ATPConfig(layers=(1, 2, 3), target_tokens=100)
+    ref = apply_atp(tiny_llava(4, seed=0), cfg).train()
+    model = copy.deepcopy(ref)
+    batches = [batch3, make_batch([600, 595], ["left", "right"], seed=1)]
+    opt_ref = torch.optim.AdamW(atp_params(ref).values(), lr=1e-2)
+    for b in batches:
+        opt_ref.zero_grad()
+        ref(**b, use_cache=False).loss.backward()
+        opt_ref.step()
+    with one_process_group(tmp_path):
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model.atp)
+        fully_shard(model)
+        opt = torch.optim.AdamW(atp_params(model).values(), lr=1e-2)
+        for b in batches:
+            opt.zero_grad()
+            out = model(**b, use_cache=False)
+            out.loss.backward()
+            opt.step()
+        assert out.atp_stats["theta_r"].shape == (2, 3)  # every ATP layer ran
+        got = {n: p.full_tensor().detach() for n, p in atp_params(model).items()}
+    for n, p in atp_params(ref).items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_batch_without_images_runs_every_threshold_mlp(tmp_path, batch3):
+    """DDP without find_unused_parameters needs a gradient for every parameter in every step:
+    a text-only batch runs each ATP layer's MLP on a zero input with weight 0 in the loss, inside
+    model.atp's forward (no parameter is read outside a forward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=100)).train()
+    reads = []
+    handle = model.atp.register_forward_pre_hook(lambda m, a: reads.append(a[0]))
+    with one_process_group(tmp_path):
+        ddp = DistributedDataParallel(model)
+        for b in (text_only_batch(), batch3, text_only_batch(seed=1)):  # a missing gradient fails the next step
+            model.zero_grad()
+            out = ddp(**b, use_cache=False)
+            out.loss.backward()
+            assert all(p.grad is not None for p in atp_params(model).values())
+    handle.remove()
+    assert reads == [1, 2, 3] * 3
+    assert all(torch.count_nonzero(p.grad) == 0 for p in atp_params(model).values())  # the last: text only
+
+
 def test_atp_stats_and_losses_are_output_fields_that_survive_ddp(tmp_path, batch3):
     """DDP with find_unused_parameters rebuilds the ModelOutput from its fields (torch pytree):
     atp_stats and atp_losses must be fields, not attributes set on the output."""
     import dataclasses
 
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=100)).train()
     plain = model(**batch3, use_cache=False)
     names = {f.name for f in dataclasses.fields(plain)}
     assert {"atp_stats", "atp_losses"} <= names and "atp_stats" in plain.keys()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with one_process_group(tmp_path):
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         out = ddp(**batch3, use_cache=False)
         assert type(out) is type(plain)
@@ -403,8 +476,6 @@ def test_atp_stats_and_losses_are_output_fields_that_survive_ddp(tmp_path, batch
         assert torch.equal(out.atp_stats["tokens"], plain.atp_stats["tokens"])
         assert torch.equal(out.loss, plain.loss) and out.atp_losses["loss_atp"].requires_grad
         out.loss.backward()  # through DDP's rebuilt output
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

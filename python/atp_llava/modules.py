@@ -93,10 +93,12 @@ class ATPModules(nn.Module):
         self.register_buffer("s_spatial", spatial_score(self.grid, config.lambda_sample, config.strides),
                              persistent=False)
 
-    def thresholds(self, layer: int, s_self: torch.Tensor, s_cross: torch.Tensor, kept: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, layer: int, s_self: torch.Tensor, s_cross: torch.Tensor, kept: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """theta_r, theta_s (I,) of ATP layer ``layer`` from grid-laid scores (I, n_grid) and
-        the kept mask (I, n_grid) bool."""
+        the kept mask (I, n_grid) bool. Called as the module (``model.atp(layer, ...)``), so
+        wrappers that shard or gather parameters around a forward (FSDP2, DeepSpeed ZeRO-3) see
+        every use of them."""
         if self.config.theta_override is not None:
             tr, ts = self.config.theta_override
             n = s_self.shape[0]

@@ -12,8 +12,9 @@ No modeling file is copied. The model stays stock except for:
     module itself, run before the layer's forward) and, with ``rope_2d`` only, on the rotary
     module (2D positions of the vision tokens, rope2d.py).
 
-Per-forward state travels as the ``atp_state`` keyword argument, which transformers forwards
-from the language model through the decoder layers into the attention function. Gradient
+Per-forward state travels as the ``atp_state`` keyword argument (an opaque ``ATPHandle`` that
+no wrapper copies), which transformers forwards from the language model through the decoder
+layers into the attention function. Gradient
 checkpointing (transformers' default, non-reentrant) keeps that keyword in the layer's replay,
 and the ATP modules run in pre-hooks, outside the checkpointed forward, so a replay only reads
 the bias its layer used and never repeats an ATP step.
@@ -57,7 +58,7 @@ from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 if TYPE_CHECKING:  # report.py is also a script (python -m atp_llava.report): not imported at start-up
     from .report import ATPReport
 
-__all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "KEEP_REDUNDANT", "KEEP_SPATIAL", "ATPState", "get_atp_controller",
+__all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "KEEP_REDUNDANT", "KEEP_SPATIAL", "ATPState", "ATPHandle", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
 
 ATTN_IMPLEMENTATION = "atp"
@@ -95,6 +96,27 @@ KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_ke
 KEEP_SPATIAL = 2    # S_spatial > theta_s
 
 
+class ATPHandle:
+    """The per-forward state (ATPState, or DecodeState when decoding) as it travels in the
+    decoder's ``atp_state`` keyword: an opaque object, neither a dataclass nor a pytree node, so
+    wrappers that traverse or rebuild a module's inputs (FSDP2's pre-forward copies dataclasses
+    that hold tensors; DDP, DeepSpeed, activation checkpointing) hand every layer the one state
+    the ATP steps write into."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"ATPHandle({type(self.state).__name__})"
+
+
+def _state_of(kwargs: Dict[str, Any]) -> Any:
+    handle = kwargs.get("atp_state")
+    return handle.state if isinstance(handle, ATPHandle) else None
+
+
 @dataclass
 class ATPState:
     """Everything one full forward pass of an ATP model carries between its layers.
@@ -119,6 +141,8 @@ class ATPState:
         soft relaxation's and the hard masks' counts.
     keep_codes: hard masks only, one (I, N) uint8 tensor per ATP layer run so far: why each
         token survived that layer (KEEP_* bits; 0 = pruned there or before).
+    null_terms: a batch without images: 0 * the thresholds each ATP layer's MLP gave on a zero
+        input, added to the loss so that every parameter takes part in every step.
     """
 
     layout: VisionLayout
@@ -142,6 +166,7 @@ class ATPState:
     keep_codes: List[torch.Tensor] = field(default_factory=list)
     theta_r: List[torch.Tensor] = field(default_factory=list)
     theta_s: List[torch.Tensor] = field(default_factory=list)
+    null_terms: List[torch.Tensor] = field(default_factory=list)
 
     def bias_for_layer(self, layer_idx: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(key_bias, key_mask or None) of decoder layer ``layer_idx``."""
@@ -220,7 +245,7 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
                          f"must be 0 in training), got {dropout}")
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("atp attention: sliding-window attention is not supported")
-    state = kwargs.get("atp_state")
+    state = _state_of(kwargs)
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     layer_idx = module.layer_idx
     lq, lk = query.shape[2], key.shape[2]
@@ -377,7 +402,7 @@ class ATPController:
         self._lm_state = state
         if state is None:
             return None
-        return args, {**kwargs, "atp_state": state}
+        return args, {**kwargs, "atp_state": ATPHandle(state)}
 
     def language_model_post_forward(self, module, args, kwargs, output):
         """Pruned forward: scatter the last hidden state back to the original positions, so the
@@ -455,10 +480,8 @@ class ATPController:
                             cfg.target_delta)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
         extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
-        if cfg.mode == "adaptive" and cfg.theta_override is None:
-            # Every ATP parameter takes part in every step (a batch without images included),
-            # which DDP without find_unused_parameters requires.
-            extra = extra + sum(p.sum() for p in self.atp.parameters()) * 0.0
+        for term in state.null_terms:  # the threshold MLPs of a batch without images (atp_step)
+            extra = extra + term
         stats: Dict[str, Any] = {
             "layers": cfg.layers,
             "tokens": kept.detach(),
@@ -516,7 +539,7 @@ class ATPController:
     def layer_pre_forward(self, layer: int, module, args, kwargs):
         """Before decoder layer ``layer``: the ATP step if ``layer`` is an ATP layer; in a pruned
         forward, the layer's hidden states and rotary inputs in the slots it runs on."""
-        state = kwargs.get("atp_state")
+        state = _state_of(kwargs)
         if not isinstance(state, ATPState):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -550,6 +573,14 @@ class ATPController:
             if self.config.mode == "adaptive":
                 state.theta_r.append(state.img_bias.new_zeros(0))
                 state.theta_s.append(state.img_bias.new_zeros(0))
+                if self.config.theta_override is None:
+                    # No image, but the layer's threshold MLP still runs (on a zero input), and
+                    # its output joins the loss with weight 0: every rank runs the same modules
+                    # in the same order and every ATP parameter gets a gradient (FSDP2's and
+                    # ZeRO-3's collectives, DDP without find_unused_parameters).
+                    z = state.img_bias.new_zeros(1, self.atp.n_grid)
+                    tr, ts = self.atp(layer, z, z, torch.ones_like(z, dtype=torch.bool))
+                    state.null_terms.append((tr.sum() + ts.sum()) * 0.0)
             return self._drop(state, hidden)
         q, k, lse, bias_used, scale, causal = capture
         prev = state.img_bias
@@ -559,7 +590,7 @@ class ATPController:
         s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
         if cfg.mode == "adaptive":
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
-            theta_r, theta_s = self.atp.thresholds(layer, s_self, s_cross, kept)
+            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept)
             s_spatial = self.atp.s_spatial.to(s_red.device)
             soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature)  # log M, Eq. 9-11
             by_red = (s_red > theta_r[:, None]) | self._top_k(s_red, state.img_keep, cfg.min_keep)

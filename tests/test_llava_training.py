@@ -407,7 +407,9 @@ def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_pa
     """fully_shard on every decoder layer, on model.atp and on the root: every ATP layer runs
     (the state reaches them through an opaque handle FSDP2 does not copy), the threshold MLPs
     run as model.atp's forward (their parameters gathered), and two AdamW steps give the
-    unsharded model's parameters to float32 rounding (one rank: the shards are whole)."""
+    unsharded model's parameters to float32 rounding (one rank: the shards are whole). Then
+    eval with real pruning under FSDP2, save_atp from the shards, load_atp into a plain model:
+    identical logits."""
     from torch.distributed.fsdp import fully_shard
 
     cfg = ATPConfig(layers=(1, 2, 3), target_tokens=100)
@@ -432,8 +434,20 @@ def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_pa
             opt.step()
         assert out.atp_stats["theta_r"].shape == (2, 3)  # every ATP layer ran
         got = {n: p.full_tensor().detach() for n, p in atp_params(model).items()}
+        model.eval()
+        with torch.no_grad():
+            sharded = model(**batch3)  # real pruning, under FSDP2
+        save_atp(model, tmp_path / "fsdp2.safetensors")
     for n, p in atp_params(ref).items():
         torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+    # saved from the shards, loaded into a plain model: the same weights and logits
+    fresh = load_atp(tiny_llava(4, seed=0), tmp_path / "fsdp2.safetensors").eval()
+    for n, p in atp_params(fresh).items():
+        assert torch.equal(p, got[n]), n
+    with torch.no_grad():
+        plain = fresh(**batch3)
+    assert torch.equal(plain.logits, sharded.logits)
+    assert torch.equal(plain.atp_stats["tokens"], sharded.atp_stats["tokens"])
 
 
 def test_a_batch_without_images_runs_every_threshold_mlp(tmp_path, batch3):

@@ -408,8 +408,8 @@ def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_pa
     (the state reaches them through an opaque handle FSDP2 does not copy), the threshold MLPs
     run as model.atp's forward (their parameters gathered), and two AdamW steps give the
     unsharded model's parameters to float32 rounding (one rank: the shards are whole). Then
-    eval with real pruning under FSDP2, save_atp from the shards, load_atp into a plain model:
-    identical logits."""
+    generate() and eval with real pruning under FSDP2, save_atp from the shards, load_atp into a
+    plain model: identical tokens and logits."""
     from torch.distributed.fsdp import fully_shard
 
     cfg = ATPConfig(layers=(1, 2, 3), target_tokens=100)
@@ -435,7 +435,9 @@ def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_pa
         assert out.atp_stats["theta_r"].shape == (2, 3)  # every ATP layer ran
         got = {n: p.full_tensor().detach() for n, p in atp_params(model).items()}
         model.eval()
+        prompts = {k: v for k, v in make_batch([600, 590], ["left", "left"], seed=2).items() if k != "labels"}
         with torch.no_grad():
+            gen_sharded = model.generate(**prompts, max_new_tokens=3, do_sample=False)  # gathers the root
             sharded = model(**batch3)  # real pruning, under FSDP2
         save_atp(model, tmp_path / "fsdp2.safetensors")
     for n, p in atp_params(ref).items():
@@ -446,7 +448,9 @@ def test_fsdp2_sharded_layers_and_atp_unit_train_like_the_unsharded_model(tmp_pa
         assert torch.equal(p, got[n]), n
     with torch.no_grad():
         plain = fresh(**batch3)
+        gen_plain = fresh.generate(**prompts, max_new_tokens=3, do_sample=False)
     assert torch.equal(plain.logits, sharded.logits)
+    assert torch.equal(gen_plain, gen_sharded)
     assert torch.equal(plain.atp_stats["tokens"], sharded.atp_stats["tokens"])
 
 

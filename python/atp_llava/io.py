@@ -33,20 +33,18 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
 def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model.atp``'s parameters and its ATPConfig to ``path`` (.safetensors).
 
-    Under torch.distributed every rank calls it: sharded parameters (FSDP2's ``fully_shard``)
-    are gathered into whole tensors (a collective), rank 0 writes the file, and every rank
-    returns once it exists. The file loads into an unsharded model (``load_atp``)."""
+    Under torch.distributed only rank 0 writes. Sharded parameters (FSDP2's ``fully_shard``)
+    are gathered into whole tensors first, a collective: then every rank must call it (with
+    replicated parameters, DDP, rank 0 alone may). The file loads into an unsharded model
+    (``load_atp``)."""
     from safetensors.torch import save_file
 
     atp = getattr(model, "atp", None)
     if atp is None:
         raise ValueError("save_atp: the model has no ATP modules (apply_atp first)")
     tensors = {k: _full_tensor(v).detach().to("cpu").contiguous() for k, v in atp.state_dict().items()}
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         save_file(tensors, str(path), metadata={_CONFIG_KEY: atp.config.to_json(), _FORMAT_KEY: _FORMAT})
-    if distributed:
-        dist.barrier()
 
 
 def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:

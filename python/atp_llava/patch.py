@@ -339,6 +339,7 @@ class ATPController:
         # Pruned prefills' per-layer cache bias, keyed by the transformers cache object they filled.
         self._caches: "weakref.WeakKeyDictionary[Any, CacheState]" = weakref.WeakKeyDictionary()
         self._prompt_len: Optional[int] = None  # inside generate(): the prompt's length
+        self._fsdp_generate = False  # generate() registered as an FSDP2 forward method
         self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
@@ -688,7 +689,17 @@ class ATPController:
         """``model.generate`` of an ATP model: the stock one, with the prompt length known to the
         prefix forwards (generated tokens never steer pruning) and the call's efficiency report
         left in ``model.atp_report``. Beam search and assisted decoding reorder or fork the
-        cache, which the pruned per-layer cache does not follow: refused."""
+        cache, which the pruned per-layer cache does not follow: refused.
+
+        Under FSDP2 (``fully_shard(model)``) the first call registers ``generate`` as an FSDP
+        forward method (``register_fsdp_forward_method``), so the root's parameters are gathered
+        around it as around ``forward``."""
+        if not self._fsdp_generate and _is_fsdp2_root(model):
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, "generate")  # wraps this very wrapper
+            self._fsdp_generate = True
+            return model.generate(*args, **kwargs)
         gen_config = kwargs.get("generation_config") or model.generation_config
         for name in ("num_beams", "num_beam_groups"):
             value = kwargs.get(name, getattr(gen_config, name, 1))
@@ -715,6 +726,14 @@ class ATPController:
             object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
                                                                            per_token))
         return out
+
+
+def _is_fsdp2_root(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _last_rows(rows: torch.Tensor) -> torch.Tensor:

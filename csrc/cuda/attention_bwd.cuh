@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
       }
       ptx::cp_async_commit();
 
-      // S = Q K^T and dP = dO V^T for the warp's 16 kSM rows x 8 kSN keys.
+      // S = Q K^T and dP = dO V^T for the warp's 16 kSM rows x 8 kSN keys. (This loop and the
+      // dV/dK and dQ ones are written out: through one shared helper, ptxas spilled 8-44 bytes.)
       float s[kSM][kSN][4], dp[kSM][kSN][4];
       zero_fragments(s);
       zero_fragments(dp);

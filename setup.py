@@ -136,6 +136,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
     extras_require={"llava": ["transformers>=5.24,<6", "safetensors", "tqdm"], "flash": ["flash-attn"],
+                    # atp_llava.trainer: Hugging Face Trainer (which needs accelerate)
+                    "trainer": ["transformers>=5.24,<6", "accelerate>=1.1", "safetensors", "tqdm"],
                     "test": ["pytest", "hypothesis"],
                     # bench/adaptivity.py's PNG plots
                     "bench": ["matplotlib"],

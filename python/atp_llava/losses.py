@@ -6,17 +6,38 @@ tokens" means): with ATPConfig.budget "hard" the straight-through mask, whose va
 count inference keeps; with "soft" (the paper) ``exp(key_bias)`` of the soft masks. All counts
 are per image; a sample with several images counts the mean over its images, so
 ``target_tokens`` means tokens per image (per sample when each sample has one image).
+
+Normalisation. Both budget terms are per sample: L_ATP is averaged over the samples that have
+an image, and N_bar (hence L_target) is the mean over the samples of the batch one forward sees
+(per device: the paper's N_bar is that of each forward's batch). A batch accumulated over
+several forwards and processes (Hugging Face Trainer: gradient accumulation N, world size W)
+weights each forward's budget term by its share of the accumulated batch (``budget_share``), so
+that the sum over the N x W forwards is one mean, the way Trainer's ``num_items_in_batch`` makes
+the next-token loss one mean over the accumulated batch's label tokens. The share is the
+forward's samples with an image over the accumulated batch's (``SAMPLES_IN_BATCH``, passed by
+``atp_llava.trainer.ATPTrainer``: exact per-sample weighting), else its label tokens over
+``num_items_in_batch`` (plain Trainer: the same when the forwards hold equal tokens per image
+sample). Then L_ATP and the next-token loss give the gradients of one process on the whole
+batch; L_target does too while every forward's N_bar lies on the same side of the target, and
+for "huber" more than ``target_delta`` from it (the loss is then linear in N_bar: the mean of
+|N_bar_j - target| is |mean N_bar_j - target|), which holds until the budget is nearly reached;
+after that it is the mean of every forward's own L_target.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .layout import VisionLayout
 
-__all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reachable_tokens"]
+__all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reachable_tokens", "budget_share",
+           "SAMPLES_IN_BATCH"]
+
+# The model's keyword argument: samples with an image in the whole accumulated batch (all forwards
+# of one optimizer step, all processes), beside Trainer's num_items_in_batch.
+SAMPLES_IN_BATCH = "atp_samples_in_batch"
 
 
 def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int, n_grid: int) -> torch.Tensor:
@@ -88,6 +109,36 @@ def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[in
                                    n_bar_batch * 0.0),
         "per_layer": per_layer,
     }
+
+
+def budget_share(layout: VisionLayout, labels: Optional[torch.Tensor], num_items_in_batch: Any = None,
+                 samples_in_batch: Any = None) -> Optional[torch.Tensor]:
+    """This forward's share of an accumulated batch's budget term (see the module docstring), or
+    None when the forward is the whole batch (no ``num_items_in_batch``).
+
+    samples_in_batch: samples with an image in the accumulated batch: the share is this forward's
+        samples with an image over it. Needs ``num_items_in_batch`` (the next-token loss must be
+        normalised over the same accumulated batch).
+    num_items_in_batch: label tokens of the accumulated batch (Trainer's loss kwarg): without
+        ``samples_in_batch`` the share is this forward's label tokens (``labels[..., 1:]`` not
+        -100, the tokens the shifted next-token loss counts) over it.
+    """
+    if num_items_in_batch is None:
+        if samples_in_batch is not None:
+            raise ValueError(f"ATP-LLaVA: {SAMPLES_IN_BATCH} needs num_items_in_batch as well (the next-token loss "
+                             "normalised over the same accumulated batch); got it alone")
+        return None
+    device = layout.pad_bias.device
+    if samples_in_batch is not None:
+        local = (layout.images_per_sample > 0).sum()
+        total = samples_in_batch
+    else:
+        if labels is None:
+            return None  # no next-token loss to share the normalisation with
+        local = (labels[..., 1:] != -100).sum()
+        total = num_items_in_batch
+    total = torch.as_tensor(total, device=device).to(torch.float32).clamp_min(1.0)
+    return local.to(device=device, dtype=torch.float32) / total
 
 
 def min_reachable_tokens(atp_layers: Sequence[int], num_layers: int, n_grid: int, floor: int) -> float:

@@ -51,7 +51,7 @@ from . import flash
 from .config import ATPConfig
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias
-from .losses import atp_losses, min_reachable_tokens, n_bar
+from .losses import SAMPLES_IN_BATCH, atp_losses, budget_share, min_reachable_tokens, n_bar
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
@@ -143,6 +143,8 @@ class ATPState:
         token survived that layer (KEEP_* bits; 0 = pruned there or before).
     null_terms: a batch without images: 0 * the thresholds each ATP layer's MLP gave on a zero
         input, added to the loss so that every parameter takes part in every step.
+    budget_share: this forward's share of an accumulated batch's budget term (losses.budget_share;
+        None: the forward is the whole batch).
     """
 
     layout: VisionLayout
@@ -167,6 +169,7 @@ class ATPState:
     theta_r: List[torch.Tensor] = field(default_factory=list)
     theta_s: List[torch.Tensor] = field(default_factory=list)
     null_terms: List[torch.Tensor] = field(default_factory=list)
+    budget_share: Optional[torch.Tensor] = None
 
     def bias_for_layer(self, layer_idx: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(key_bias, key_mask or None) of decoder layer ``layer_idx``."""
@@ -347,7 +350,12 @@ class ATPController:
     # -- model hooks ---------------------------------------------------------------------------
 
     def model_pre_forward(self, module, args, kwargs):
-        bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+        # Trainer's loss kwarg, and ours (ATPTrainer), which the stock forward must not see
+        normalisers = (kwargs.get("num_items_in_batch"), kwargs.pop(SAMPLES_IN_BATCH, None))
+        self._start_forward(module, self._signature.bind_partial(module, *args, **kwargs).arguments, normalisers)
+        return args, kwargs
+
+    def _start_forward(self, module, bound: Dict[str, Any], normalisers: Tuple[Any, Any]) -> None:
         input_ids = bound.get("input_ids")
         if input_ids is None:
             raise ValueError("ATP-LLaVA needs input_ids to find the image tokens; inputs_embeds alone "
@@ -367,10 +375,12 @@ class ATPController:
                                          bound.get("attention_mask"), bound.get("labels"), self._prompt_len)
         img_zeros = layout.pad_bias.new_zeros(layout.num_images, layout.n_grid)
         straight_through = (not hard) and self.config.mode == "adaptive" and self.config.budget == "hard"
+        share = budget_share(layout, bound.get("labels"), *normalisers)
         self._active = self._pending = ATPState(
             layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias, img_bias=img_zeros,
             img_keep=torch.ones_like(img_zeros, dtype=torch.bool), img_soft=img_zeros,
-            img_mask=torch.ones_like(img_zeros) if straight_through else None, score_layers=self.score_layers)
+            img_mask=torch.ones_like(img_zeros) if straight_through else None, score_layers=self.score_layers,
+            budget_share=share)
 
     def _decode_state(self, module, cache, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor]) -> DecodeState:
@@ -481,6 +491,8 @@ class ATPController:
                             cfg.target_delta)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
         extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
+        if state.budget_share is not None:  # one micro-batch of an accumulated batch (Trainer)
+            extra = extra * state.budget_share
         for term in state.null_terms:  # the threshold MLPs of a batch without images (atp_step)
             extra = extra + term
         stats: Dict[str, Any] = {
@@ -495,6 +507,7 @@ class ATPController:
             "n_bar_batch": losses["n_bar_batch"].detach(),
             "loss_atp": losses["loss_atp"].detach(),
             "loss_target": losses["loss_target"].detach(),
+            "budget_share": None if state.budget_share is None else state.budget_share.detach(),
             "images_per_sample": lay.images_per_sample,
             "image_sample": lay.image_sample,
             "hard": state.hard,

@@ -1,0 +1,114 @@
+"""One Hugging Face Trainer run of a tiny ATP-LLaVA on CPU, for tests/test_llava_trainer.py:
+``python tests/trainer_worker.py OUT --batch B --accum N [--plain]``, alone or under
+``torchrun --nproc-per-node W`` (DDP, gloo).
+
+One optimizer step (SGD, constant learning rate, no clipping) on the first B x N x W examples of
+a fixed dataset, taken in order; rank 0 writes to OUT (torch.save) the ATP parameters' gradients
+at the optimizer step, the parameters after it, Trainer's log history and every forward's
+N_bar, so that runs with different B, N and W can be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from atp_llava import ATPConfig, apply_atp  # noqa: E402
+from atp_llava.data import SyntheticDataset, collate  # noqa: E402
+from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.trainer import ATPCallback, ATPTrainer  # noqa: E402
+
+N_GRID = 576
+CONFIG = dict(layers=(1, 2, 3), target_tokens=200)
+TEXT_ONLY = (2, 3)  # without --plain: these examples have no image (a text-only micro-batch at B = 2)
+
+
+class Examples(torch.utils.data.Dataset):
+    """SyntheticDataset's examples; ``text_only`` ones lose their image (tokens and pixels);
+    ``uniform``: every example cut to the same length (the same label tokens per sample)."""
+
+    def __init__(self, n, text_only=(), uniform=False):
+        self.data = SyntheticDataset(n, TINY_IMAGE_TOKEN, N_GRID, 48, TINY_VOCAB, seed=3)
+        self.text_only, self.uniform = set(text_only), uniform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        ex = dict(self.data[i])
+        if self.uniform:  # a fixed prompt length, the answer (2 label tokens) kept
+            keep = N_GRID + 12
+            ex["input_ids"] = ex["input_ids"][:keep - 2] + ex["input_ids"][-2:]
+            ex["labels"] = [-100] * (keep - 2) + ex["labels"][-2:]
+        if i in self.text_only:
+            ids = [t for t in ex["input_ids"] if t != TINY_IMAGE_TOKEN]
+            ex = {"input_ids": ids, "labels": ex["labels"][-len(ids):],
+                  "pixel_values": ex["pixel_values"][:0]}
+        return ex
+
+
+def collate_examples(batch):
+    out = collate(batch)
+    if out["pixel_values"].shape[0] == 0:  # a text-only micro-batch: no vision tower call
+        del out["pixel_values"]
+    return out
+
+
+class Record(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads, self.n_bars = model, None, []
+        model.register_forward_hook(lambda m, a, out: self.n_bars.append(float(out.atp_stats["n_bar_batch"])))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if n.startswith("atp.")}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--accum", type=int, required=True)
+    p.add_argument("--plain", action="store_true", help="plain Trainer with ATPCallback, uniform examples")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(**CONFIG)).train()
+    n = a.batch * a.accum * world
+    data = Examples(n, uniform=True) if a.plain else Examples(n, text_only=TEXT_ONLY)
+    args = TrainingArguments(
+        output_dir=os.path.join(os.path.dirname(a.out), "trainer_out"), per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=a.accum, max_steps=1, optim="sgd", learning_rate=0.5,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0,
+        use_cpu=True, ddp_backend="gloo" if world > 1 else None, ddp_find_unused_parameters=False, train_sampling_strategy="sequential", remove_unused_columns=False,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+        dataloader_num_workers=0)
+    record = Record(model)
+    if a.plain:
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_examples,
+                          callbacks=[record, ATPCallback()])
+    else:
+        trainer = ATPTrainer(model=model, args=args, train_dataset=data, data_collator=collate_examples,
+                             callbacks=[record], lr_atp=0.5)
+    trainer.train()
+    n_bars = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(n_bars, record.n_bars)
+    else:
+        n_bars = [record.n_bars]
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"grads": record.grads, "log_history": trainer.state.log_history, "n_bars": n_bars,
+                    "params": {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("atp.")},
+                    "lrs": [g["lr"] for g in trainer.optimizer.param_groups]}, a.out)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@
     model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
 """
 from .config import ATPConfig
+from .distributed import shard_fsdp2
 from .efficiency import layer_flops, run_cost
 from .io import load_atp, read_atp_config, save_atp
 from .layout import SeqView, VisionLayout
@@ -21,6 +22,7 @@ __all__ = [
     "remove_atp",
     "save_atp",
     "load_atp",
+    "shard_fsdp2",
     "read_atp_config",
     "ATPModules",
     "ThresholdMLP",

@@ -591,10 +591,16 @@ class ATPController:
                     # No image, but the layer's threshold MLP still runs (on a zero input), and
                     # its output joins the loss with weight 0: every rank runs the same modules
                     # in the same order and every ATP parameter gets a gradient (FSDP2's and
-                    # ZeRO-3's collectives, DDP without find_unused_parameters).
+                    # ZeRO-3's collectives, DDP without find_unused_parameters). It joins the
+                    # key_bias of the layers from here on as well, so that the backward runs
+                    # through the same decoder layers as a batch with images (FSDP2 gathers each
+                    # layer's parameters for its backward: a rank that skipped them would hang).
                     z = state.img_bias.new_zeros(1, self.atp.n_grid)
                     tr, ts = self.atp(layer, z, z, torch.ones_like(z, dtype=torch.bool))
-                    state.null_terms.append((tr.sum() + ts.sum()) * 0.0)
+                    null = (tr.sum() + ts.sum()) * 0.0
+                    state.null_terms.append(null)
+                    if null.requires_grad:
+                        state.current_bias = state.current_bias + null.to(state.current_bias.dtype)
             return self._drop(state, hidden)
         q, k, lse, bias_used, scale, causal = capture
         prev = state.img_bias

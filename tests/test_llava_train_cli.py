@@ -97,6 +97,13 @@ def test_bad_argument_combinations_are_refused(capsys):
             run(*argv)
     err = capsys.readouterr().err
     assert "--eval-every needs an eval set" in err and "needs --layers" in err and "add --train-lm" in err
+    for argv in (["--synthetic", "2", "--grad-accum", "2"], ["--synthetic", "2", "--fsdp"],
+                 ["--synthetic", "2", "--fsdp", "--nproc", "2", "--engine", "trainer"]):
+        with pytest.raises(SystemExit):
+            run(*argv)
+    err = capsys.readouterr().err
+    assert "--grad-accum needs --engine trainer" in err and "--fsdp shards over several processes" in err
+    assert "--fsdp runs with --engine own" in err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,3 +360,55 @@ def test_ddp_spawn_with_eval_and_save_model(tmp_path):
     assert "eval @ step 1" in res.stdout and "eval @ step 2" in res.stdout
     assert (tmp_path / "m" / ATP_FILE).exists() and (tmp_path / "m" / "model.safetensors").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: FSDP2 and Hugging Face Trainer through the entry point
+
+
+def _torchrun(tmp_path, *argv):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "atp_llava.train", *BASE, *map(str, argv), "--log-json", str(tmp_path / "log.jsonl")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res, [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_fsdp2_trains_evaluates_and_saves(tmp_path):
+    """torchrun --nproc-per-node 2 -m atp_llava.train --fsdp: FSDP2 training, the held-out eval
+    with real pruning on the sharded model, --save-model from the shards: the saved model loads
+    unsharded and gives the logged eval."""
+    res, rows = _torchrun(tmp_path, "--synthetic", "8", "--max-steps", "2", "--fsdp", "--eval-synthetic", "2",
+                          "--eval-every", "1", "--init-threshold", "0.5", "--save-model", tmp_path / "m")
+    assert [r["step"] for r in train_rows(rows)] == [1, 2] and [r["step"] for r in eval_rows(rows)] == [1, 2]
+    assert all("theta_r_l1" in r and r["loss"] > 0 for r in train_rows(rows))
+    last = eval_rows(rows)[-1]
+    assert last["n_bar"] < 500  # the eval pruned
+    from transformers import LlavaForConditionalGeneration
+
+    model = load_atp(LlavaForConditionalGeneration.from_pretrained(tmp_path / "m"), tmp_path / "m" / ATP_FILE)
+    args = build_parser().parse_args([*BASE, "--synthetic", "8", "--eval-synthetic", "2"])
+    from atp_llava.train import _dataset, _loader
+
+    loader = _loader(_dataset(args, model, None, N_GRID, "eval"), 2, 0, "right")
+    again = evaluate(model, loader)
+    assert again["n_bar"] == last["n_bar"] and again["loss"] == pytest.approx(last["loss"], rel=1e-6)
+
+
+def test_torchrun_trainer_engine_with_accumulation(tmp_path):
+    """--engine trainer under torchrun (Trainer's DDP on gloo) with --grad-accum 2: one row per
+    optimizer step with Trainer's loss and ATPCallback's statistics, the learning rates of both
+    parameter groups, the eval at the end; the saved ATP weights load."""
+    res, rows = _torchrun(tmp_path, "--synthetic", "8", "--max-steps", "2", "--engine", "trainer", "--grad-accum",
+                          "2", "--train-lm", "--lr-atp", "1e-3", "--lr-lm", "1e-5", "--eval-synthetic", "2",
+                          "--save-atp", tmp_path / "atp.safetensors")
+    train_r = train_rows(rows)
+    assert [r["step"] for r in train_r] == [1, 2] and [r["step"] for r in eval_rows(rows)] == [2]
+    for r in train_r:
+        assert (r["lr_atp"], r["lr_lm"]) == (1e-3, 1e-5)
+        for key in ("loss", "n_bar", "n_bar_hard", "loss_atp", "loss_target", "tokens_l1", "theta_r_l1",
+                    "theta_s_l1"):
+            assert key in r, key
+    assert train_r[0]["theta_r_l1"] != train_r[1]["theta_r_l1"]  # the step moved the thresholds
+    assert read_atp_config(tmp_path / "atp.safetensors").train_lm

@@ -53,13 +53,6 @@ class Examples(torch.utils.data.Dataset):
         return ex
 
 
-def collate_examples(batch):
-    out = collate(batch)
-    if out["pixel_values"].shape[0] == 0:  # a text-only micro-batch: no vision tower call
-        del out["pixel_values"]
-    return out
-
-
 class Record(TrainerCallback):
     def __init__(self, model):
         self.model, self.grads, self.n_bars = model, None, []
@@ -90,10 +83,10 @@ def main():
         dataloader_num_workers=0)
     record = Record(model)
     if a.plain:
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate_examples,
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
                           callbacks=[record, ATPCallback()])
     else:
-        trainer = ATPTrainer(model=model, args=args, train_dataset=data, data_collator=collate_examples,
+        trainer = ATPTrainer(model=model, args=args, train_dataset=data, data_collator=collate,
                              callbacks=[record], lr_atp=0.5)
     trainer.train()
     n_bars = [None] * world

@@ -234,7 +234,8 @@ def collate(batch: List[Dict[str, Any]], pad_token_id: int = 0, padding_side: st
     """Pad a list of examples into model inputs.
 
     Returns input_ids, attention_mask, labels (B, L) and pixel_values (sum of images, 3, S, S) in
-    sample order, as LlavaForConditionalGeneration expects.
+    sample order, as LlavaForConditionalGeneration expects; a batch without images (examples whose
+    pixel_values have 0 images) has no pixel_values (the vision tower does not run).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"collate: padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -248,5 +249,8 @@ def collate(batch: List[Dict[str, Any]], pad_token_id: int = 0, padding_side: st
         ids[b, sl] = torch.tensor(ex["input_ids"], dtype=torch.long)
         labels[b, sl] = torch.tensor(ex["labels"], dtype=torch.long)
         mask[b, sl] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     pixels = torch.cat([ex["pixel_values"] for ex in batch], dim=0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+    if pixels.shape[0]:
+        out["pixel_values"] = pixels
+    return out

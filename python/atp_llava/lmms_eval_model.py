@@ -359,9 +359,7 @@ class ATPLlava(lmms):
                 ex["pixel_values"] = torch.zeros(0, 3, self.image_size, self.image_size)
         inputs = collate(examples, pad_token_id=self.pad_token_id, padding_side=padding_side)
         inputs.pop("labels")
-        if inputs["pixel_values"].shape[0] == 0:
-            inputs.pop("pixel_values")
-        else:
+        if "pixel_values" in inputs:  # absent when no example has an image
             inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
         return {k: v.to(self._device) for k, v in inputs.items()}
 

@@ -13,7 +13,13 @@ with "split": "eval" and a printed summary (``evaluate`` is the same pass as a f
 --save-model DIR writes the stock LLaVA (save_pretrained) and DIR/atp.safetensors:
 ``load_atp(LlavaForConditionalGeneration.from_pretrained(DIR), DIR + "/atp.safetensors")`` is the
 trained model. ``--nproc N`` runs N processes with DDP on this machine (gloo on CPU, nccl on
-CUDA); under ``torchrun`` the environment's rank and world size are used instead.
+CUDA); under ``torchrun`` the environment's rank and world size are used instead. ``--fsdp``
+shards with FSDP2 instead of DDP (``shard_fsdp2``; every rank then runs the evaluations).
+``--engine trainer`` trains with Hugging Face Trainer (``atp_llava.trainer.ATPTrainer``: its DDP,
+``--grad-accum``, the same optimizer settings) and logs one row per optimizer step from its logs.
+
+    torchrun --nproc-per-node 2 -m atp_llava.train --tiny --synthetic 64 --fsdp --max-steps 30
+    torchrun --nproc-per-node 2 -m atp_llava.train --tiny --synthetic 64 --engine trainer --grad-accum 2
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -34,11 +41,13 @@ from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .layout import IGNORE_INDEX
 from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
+from .distributed import shard_fsdp2
 from .patch import apply_atp, get_atp_controller
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
 
 ATP_FILE = "atp.safetensors"  # the ATP weights inside a --save-model directory
+ENGINES = ("own", "trainer")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ATPConfig)}
 
 
@@ -121,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--nproc", type=int, default=1, help="DDP processes to spawn on this machine")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="processes to spawn on this machine (DDP, or FSDP2 with --fsdp); under torchrun, its own")
+    run.add_argument("--engine", default="own", choices=ENGINES,
+                     help="own: this module's loop; trainer: Hugging Face Trainer (atp_llava.trainer.ATPTrainer)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="FSDP2 (fully_shard every decoder layer, the ATP modules and the root) instead of DDP")
+    run.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                     help="gradient accumulation steps (--engine trainer)")
     run.add_argument("--log-json", default=None,
                      help="write one JSON line per step here (and one per evaluation, \"split\": \"eval\")")
     run.add_argument("--log-csv", default=None, help="write one CSV row per training step here")
@@ -158,6 +174,17 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(str(e))
     if config.mode != "adaptive" and not config.train_lm:
         parser.error(f"--mode {config.mode} has no ATP parameters to train; add --train-lm")
+    if args.grad_accum < 1:
+        parser.error(f"--grad-accum must be >= 1, got {args.grad_accum}")
+    if args.grad_accum > 1 and args.engine != "trainer":
+        parser.error("--grad-accum needs --engine trainer (whose loss normalisation over the accumulated batch "
+                     "atp_llava.trainer implements); the own loop steps on every batch")
+    if args.fsdp and args.engine == "trainer":
+        parser.error("--fsdp runs with --engine own: Trainer shards through accelerate's FSDP plugin "
+                     "(TrainingArguments.fsdp), which this entry point does not configure")
+    if args.fsdp and args.nproc < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        parser.error("--fsdp shards over several processes: run under torchrun --nproc-per-node N or with --nproc N, "
+                     "N >= 2")
 
 
 def _load_model(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
@@ -289,7 +316,8 @@ def evaluate(model: nn.Module, loader) -> Dict[str, Any]:
     try:
         for batch in loader:
             batch = {k: v.to(param.device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
             out = inner(**batch, use_cache=False)
             st = out.atp_stats
             labels = batch["labels"][:, 1:]
@@ -383,12 +411,31 @@ def save_model(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=N
     """
     inner = _unwrap(model)
     get_atp_controller(inner)
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v for k, v in inner.state_dict().items() if not k.startswith("atp.")}
-    inner.save_pretrained(directory, state_dict=state)
+    writer = _is_writer()
+    if _is_sharded(inner):  # FSDP2: whole tensors, a collective (every rank calls save_model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = inner.state_dict() if writer else {}
+    if writer:
+        os.makedirs(directory, exist_ok=True)
+        inner.save_pretrained(directory, state_dict={k: v for k, v in state.items() if not k.startswith("atp.")})
     save_atp(inner, os.path.join(directory, ATP_FILE))
-    if tokenizer is not None:
+    if tokenizer is not None and writer:
         tokenizer.save_pretrained(directory)
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _lrs(opt: torch.optim.Optimizer) -> Dict[str, float]:
@@ -397,8 +444,9 @@ def _lrs(opt: torch.optim.Optimizer) -> Dict[str, float]:
 
 def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
           return_model: bool = False) -> Union[List[Dict[str, Any]], Tuple[List[Dict[str, Any]], nn.Module]]:
-    """Run training in this process (rank ``rank`` of ``world_size``); returns the log rows
-    (training steps and evaluations), and the trained model with ``return_model``."""
+    """Run training in this process (rank ``rank`` of ``world_size``) with ``args.engine``;
+    returns the log rows (training steps and evaluations), and the trained model with
+    ``return_model``."""
     distributed = world_size > 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
@@ -431,92 +479,179 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
     dataset = _dataset(args, model, tokenizer, n_grid, "train")
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
-    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed)
-               if distributed else None)
-    loader = _loader(dataset, args.batch_size, pad, args.padding_side, shuffle=True, sampler=sampler, seed=args.seed)
+    if args.fsdp:
+        if not distributed:
+            raise ValueError("--fsdp needs several processes (torchrun --nproc-per-node N, or --nproc N)")
+        shard_fsdp2(model)  # before the optimizer: the parameters become DTensor shards
     has_eval = args.eval_data is not None or args.eval_synthetic is not None
-    eval_set = _dataset(args, model, tokenizer, n_grid, "eval") if (has_eval and rank == 0) else None
+    # Sharded, every rank runs the eval forwards (they gather parameters); otherwise rank 0 alone.
+    eval_ranks = args.fsdp or rank == 0
+    eval_set = _dataset(args, model, tokenizer, n_grid, "eval") if (has_eval and eval_ranks) else None
     eval_loader = (None if eval_set is None else
                    _loader(eval_set, args.eval_batch_size or args.batch_size, pad, args.padding_side))
-    opt = torch.optim.AdamW(param_groups(model, lr_atp=args.lr_atp, lr_lm=args.lr_lm,
-                                         weight_decay=args.weight_decay))
-    runner = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    total = args.epochs * len(loader) if args.max_steps is None else args.max_steps
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, desc="atp-llava", unit="step")
     json_f = open(args.log_json, "w") if (rank == 0 and args.log_json) else None
-    csv_f, csv_w = (open(args.log_csv, "w", newline=""), None) if (rank == 0 and args.log_csv) else (None, None)
-    rows: List[Dict[str, Any]] = []
-
-    def log_json(rec: Dict[str, Any]) -> None:
-        rows.append(rec)
-        if json_f:
-            json_f.write(json.dumps(rec) + "\n")
-            json_f.flush()
+    csv_f = open(args.log_csv, "w", newline="") if (rank == 0 and args.log_csv) else None
+    log = _Log(json_f, csv_f)
 
     def run_eval(step: int, epoch: int) -> None:
-        """Rank 0 evaluates the whole eval set on the unwrapped model; the others wait."""
-        if not has_eval:
-            return
-        if rank == 0:
+        """An eval pass on the unwrapped model (rank 0, or every rank when sharded); rank 0 logs."""
+        if has_eval and eval_loader is not None:
             rec = {"split": "eval", "step": step, "epoch": epoch, **evaluate(model, eval_loader)}
-            log_json(rec)
-            (progress.write if progress is not None else print)(format_eval(rec))
+            if rank == 0:
+                log.eval(rec)
         if distributed:
             dist.barrier()
 
-    step = epoch = 0
+    run = _run_trainer if args.engine == "trainer" else _run_own
     try:
-        while step < total:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            for batch in loader:
-                t0 = time.perf_counter()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                out = runner(**batch, use_cache=False)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
-                step += 1
-                rec = step_record(step, epoch, out, _lrs(opt), time.perf_counter() - t0)
-                log_json(rec)
-                if csv_f:
-                    if csv_w is None:
-                        csv_w = csv.DictWriter(csv_f, fieldnames=list(rec))
-                        csv_w.writeheader()
-                    csv_w.writerow(rec)
-                    csv_f.flush()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{rec['loss']:.3f}", n_bar=f"{rec['n_bar']:.1f}")
-                if step >= total:
-                    break
-                if args.eval_every and step % args.eval_every == 0:
-                    run_eval(step, epoch)
-            epoch += 1
-        run_eval(step, max(epoch - 1, 0))
+        run(args, model, dataset, pad, dtype, device, rank, world_size, log, run_eval)
     finally:
-        for f in (json_f, csv_f):
-            if f:
-                f.close()
-        if progress is not None:
-            progress.close()
-    if rank == 0 and args.save_atp:
-        save_atp(model, args.save_atp)
-    if rank == 0 and args.save_model:
+        log.close()
+    if args.save_atp:
+        save_atp(model, args.save_atp)  # rank 0 writes; sharded, every rank gathers
+    if args.save_model:
         save_model(model, args.save_model, tokenizer)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return (rows, model) if return_model else rows
+    return (log.rows, model) if return_model else log.rows
+
+
+class _Log:
+    """The log rows of a run: kept, and written as JSON lines / CSV (rank 0's files)."""
+
+    def __init__(self, json_f, csv_f):
+        self.rows: List[Dict[str, Any]] = []
+        self.json_f, self.csv_f, self.csv_w = json_f, csv_f, None
+        self.progress = None
+
+    def step(self, rec: Dict[str, Any]) -> None:
+        self._json(rec)
+        if self.csv_f:
+            if self.csv_w is None:
+                self.csv_w = csv.DictWriter(self.csv_f, fieldnames=list(rec))
+                self.csv_w.writeheader()
+            self.csv_w.writerow(rec)
+            self.csv_f.flush()
+
+    def eval(self, rec: Dict[str, Any]) -> None:
+        self._json(rec)
+        (self.progress.write if self.progress is not None else print)(format_eval(rec))
+
+    def _json(self, rec: Dict[str, Any]) -> None:
+        self.rows.append(rec)
+        if self.json_f:
+            self.json_f.write(json.dumps(rec) + "\n")
+            self.json_f.flush()
+
+    def close(self) -> None:
+        for f in (self.json_f, self.csv_f):
+            if f:
+                f.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _run_own(args, model, dataset, pad, dtype, device, rank, world_size, log, run_eval) -> None:
+    """This module's loop: one optimizer step per batch, DDP (or FSDP2, already applied) across
+    processes, a DistributedSampler."""
+    distributed = world_size > 1
+    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed)
+               if distributed else None)
+    loader = _loader(dataset, args.batch_size, pad, args.padding_side, shuffle=True, sampler=sampler, seed=args.seed)
+    opt = torch.optim.AdamW(param_groups(model, lr_atp=args.lr_atp, lr_lm=args.lr_lm,
+                                         weight_decay=args.weight_decay))
+    runner = model
+    if distributed and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    total = args.epochs * len(loader) if args.max_steps is None else args.max_steps
+    if rank == 0 and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        log.progress = tqdm(total=total, desc="atp-llava", unit="step")
+    step = epoch = 0
+    while step < total:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            out = runner(**batch, use_cache=False)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            step += 1
+            rec = step_record(step, epoch, out, _lrs(opt), time.perf_counter() - t0)
+            log.step(rec)
+            if log.progress is not None:
+                log.progress.update(1)
+                log.progress.set_postfix(loss=f"{rec['loss']:.3f}", n_bar=f"{rec['n_bar']:.1f}")
+            if step >= total:
+                break
+            if args.eval_every and step % args.eval_every == 0:
+                run_eval(step, epoch)
+        epoch += 1
+    run_eval(step, max(epoch - 1, 0))
+
+
+def _run_trainer(args, model, dataset, pad, dtype, device, rank, world_size, log, run_eval) -> None:
+    """Hugging Face Trainer (ATPTrainer): its DDP, gradient accumulation, AdamW ("adamw_torch")
+    at a constant learning rate without clipping, as the own loop; one log row per optimizer
+    step from Trainer's logs (its loss, the mean over the accumulated batch, and ATPCallback's
+    statistics under the own loop's names)."""
+    import tempfile
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from .trainer import ATPTrainer
+
+    class Rows(TrainerCallback):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, targs, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:  # Trainer's training logs only
+                return
+            if rank == 0:
+                self.row(state, logs, kwargs["optimizer"])
+            step = state.global_step
+            if args.eval_every and step % args.eval_every == 0 and step < state.max_steps:
+                run_eval(step, max(math.ceil(state.epoch or 0) - 1, 0))  # every rank: it may gather or wait
+
+        def row(self, state, logs, optimizer):
+            epoch = max(math.ceil(state.epoch or 0) - 1, 0)  # Trainer's is the fraction of epochs done
+            rec = {"split": "train", "step": state.global_step, "epoch": epoch, "loss": float(logs["loss"])}
+            rec.update({k[len("atp/"):]: v for k, v in logs.items() if k.startswith("atp/")})
+            rec.update({f"lr_{name}": lr for name, lr in _lrs(optimizer).items()})
+            now = time.perf_counter()
+            rec["seconds"], self.t0 = now - self.t0, now
+            log.step(rec)
+
+    out_dir = tempfile.mkdtemp(prefix="atp_llava_trainer_")
+    targs = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs, max_steps=args.max_steps or -1, learning_rate=args.lr_lm,
+        weight_decay=args.weight_decay, optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
+        data_seed=args.seed, use_cpu=device.type == "cpu",
+        ddp_backend=("gloo" if device.type == "cpu" else "nccl") if world_size > 1 else None,
+        ddp_find_unused_parameters=False, remove_unused_columns=False, disable_tqdm=args.no_progress or rank != 0,
+        dataloader_num_workers=0)
+
+    def collator(batch):
+        out = collate(batch, pad_token_id=0 if pad is None else pad, padding_side=args.padding_side)
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
+
+    trainer = ATPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
+                         lr_atp=args.lr_atp, callbacks=[Rows()])
+    trainer.train()
+    run_eval(trainer.state.global_step, max(int(trainer.state.epoch or 1) - 1, 0))
 
 
 def _spawn_worker(rank: int, world_size: int, argv: List[str], port: str) -> None:

@@ -561,3 +561,60 @@ def test_apply_atp_rejects_bad_configs():
         apply_atp(model, ATPConfig(layers=(1, 2)))
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=torch.zeros(1, 4, 64))
+
+
+class OutsideForwardAccess(torch.overrides.TorchFunctionMode):
+    """Fails on any torch function that receives one of ``module``'s parameters while the module's
+    forward is not running: the rule DeepSpeed ZeRO-3 (parameters gathered only around their
+    module's forward) and FSDP2 (units gathered around theirs) impose. Autograd's backward does
+    not call torch functions, so it is not seen; the optimizer step runs outside the mode."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.params = {id(p) for p in module.parameters()}
+        self.depth = 0
+        self.handles = [module.register_forward_pre_hook(lambda m, a: self._enter()),
+                        module.register_forward_hook(lambda m, a, o: self._leave())]
+
+    def _enter(self):
+        self.depth += 1
+
+    def _leave(self):
+        self.depth -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            if any(id(x) in self.params for x in flat if isinstance(x, torch.Tensor)):
+                raise AssertionError(f"{getattr(func, '__name__', func)} read an ATP parameter outside model.atp's forward")
+        return func(*args, **kwargs)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_atp_parameters_are_read_only_inside_their_forward(batch3):
+    """Training (image and text-only batches, soft and straight-through budgets), eval with real
+    pruning and generate() read model.atp's parameters only inside model.atp's forward."""
+    for budget in ("hard", "soft"):
+        model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=200, budget=budget))
+        guard = OutsideForwardAccess(model.atp)
+        opt = torch.optim.AdamW(atp_params(model).values(), lr=1e-2)
+        model.train()
+        for b in (batch3, text_only_batch()):
+            opt.zero_grad()
+            with guard:
+                out = model(**b, use_cache=False)
+            out.loss.backward()
+            opt.step()
+        model.eval()
+        prompts = {k: v for k, v in make_batch([600, 590], ["left", "left"], seed=2).items() if k != "labels"}
+        with guard, torch.no_grad():
+            model(**batch3)
+            model.generate(**prompts, max_new_tokens=2, do_sample=False)
+        # the guard itself: the pattern this rule forbids is caught
+        with pytest.raises(AssertionError, match="outside model.atp's forward"), guard:
+            sum(p.sum() for p in model.atp.parameters())
+        guard.remove()

@@ -419,7 +419,8 @@ def test_report_flops_and_kv_bytes_equal_hand_computed_values(stock):
     ids[0, lead:lead + N_GRID] = TINY_IMAGE_TOKEN
     pixels = torch.randn(1, 3, 48, 48, dtype=torch.float64)
     with torch.no_grad():
-        model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        gen = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, return_dict_in_generate=True)
     rep = model.atp_report
     d, m, hkv, hd, el = 64, 128, 2, 16, 8  # tiny_llava: hidden, ffn, KV heads, head dim; float64
     seen = [n_text + N_GRID, n_text + 300, n_text + 300, n_text + 100]
@@ -433,7 +434,10 @@ def test_report_flops_and_kv_bytes_equal_hand_computed_values(stock):
     kv = [2 * l * hkv * hd * el for l in seen]
     assert rep.kv_cache_bytes_per_layer[0].tolist() == kv
     assert rep.kv_cache_bytes[0].item() == sum(kv)
-    assert rep.kv_cache_bytes_final[0].item() == sum(kv) + 5 * 4 * 2 * hkv * hd * el
+    assert rep.kv_cache_bytes_final[0].item() == sum(kv) + 4 * 4 * 2 * hkv * hd * el  # the last token is not cached
+    cache = gen.past_key_values
+    held = sum((layer.keys.numel() + layer.values.numel()) * el for layer in cache.layers)
+    assert rep.kv_cache_bytes_final[0].item() == held  # what the cache really holds
     assert rep.generated == 5
     assert rep.n_bar[0].item() == (576 + 300 + 300 + 100) / 4
     assert abs(rep.flops_reduction[0].item() - (1 - sum(flops) / full)) < 1e-15

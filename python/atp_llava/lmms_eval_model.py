@@ -372,9 +372,9 @@ class ATPLlava(lmms):
         if report is None:
             return
         d = report.to_dict()
-        per_token = 0.0  # KV bytes one generated token adds over all layers
-        if report.generated:
-            per_token = float((report.kv_cache_bytes_final[0] - report.kv_cache_bytes[0]) / report.generated)
+        per_token = 0.0  # KV bytes one cached generated token adds over all layers
+        if report.generated > 1:  # the cache holds all generated tokens but the last
+            per_token = float((report.kv_cache_bytes_final[0] - report.kv_cache_bytes[0]) / (report.generated - 1))
         batch = []
         for b, meta in enumerate(metas):
             rec = dict(meta)
@@ -382,7 +382,7 @@ class ATPLlava(lmms):
             rec.update({k: d[k][b] for k in _PER_SAMPLE})
             gen = 0 if generated is None else int(generated[b])
             rec["generated_tokens"] = gen
-            rec["kv_cache_bytes_final"] = rec["kv_cache_bytes"] + gen * per_token
+            rec["kv_cache_bytes_final"] = rec["kv_cache_bytes"] + max(gen - 1, 0) * per_token
             batch.append(rec)
             vt = " ".join(f"{x:.0f}" for x in rec["vision_tokens"])
             eval_logger.info(f"atp_llava {rec['request_type']} {rec['task']} doc {rec['doc_id']}: vision tokens per "

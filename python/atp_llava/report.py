@@ -34,7 +34,8 @@ class ATPReport:
     kv_cache_bytes_per_layer, kv_cache_bytes, kv_cache_bytes_full: the KV cache after the
         prompt (2 * tokens * Hkv * D * bytes per layer), per layer, summed, unpruned.
     generated: tokens generated after the prompt (generate()); ``kv_cache_bytes_final`` and
-        ``kv_cache_bytes_final_full`` count them in every layer's cache.
+        ``kv_cache_bytes_final_full``: the cache at the end, which holds all but the last of them
+        in every layer (the last token is returned, never fed back).
     """
 
     atp_layers: Tuple[int, ...]
@@ -62,9 +63,9 @@ class ATPReport:
                    kv_cache_bytes_final=f("kv_cache_bytes"), kv_cache_bytes_final_full=f("kv_cache_bytes_full"))
 
     def with_generated(self, generated: int, kv_bytes_per_token_layer: int) -> "ATPReport":
-        """The report of a generate() call: ``generated`` new tokens went into every layer's cache,
-        ``kv_bytes_per_token_layer`` (= 2 * Hkv * D * bytes) each."""
-        extra = float(generated * self.tokens_seen.shape[1] * kv_bytes_per_token_layer)
+        """The report of a generate() call that returned ``generated`` new tokens: all but the last
+        went into every layer's cache, ``kv_bytes_per_token_layer`` (= 2 * Hkv * D * bytes) each."""
+        extra = float(max(generated - 1, 0) * self.tokens_seen.shape[1] * kv_bytes_per_token_layer)
         return replace(self, generated=int(generated), kv_cache_bytes_final=self.kv_cache_bytes + extra,
                        kv_cache_bytes_final_full=self.kv_cache_bytes_full + extra)
 

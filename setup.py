@@ -131,6 +131,7 @@ setup(
     description="Fused attention with learnable per-key soft masks and ATP token-pruning scores",
     packages=find_packages(include=["atp_ops", "atp_ops.*"]) + find_packages("python"),
     package_dir={"atp_llava": "python/atp_llava"},
+    package_data={"atp_llava": ["zero3.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
@@ -138,6 +139,9 @@ setup(
     extras_require={"llava": ["transformers>=5.24,<6", "safetensors", "tqdm"], "flash": ["flash-attn"],
                     # atp_llava.trainer: Hugging Face Trainer (which needs accelerate)
                     "trainer": ["transformers>=5.24,<6", "accelerate>=1.1", "safetensors", "tqdm"],
+                    # ATPTrainer on DeepSpeed ZeRO-3 (atp_llava/zero3.json)
+                    "deepspeed": ["deepspeed>=0.16", "transformers>=5.24,<6", "accelerate>=1.1", "safetensors",
+                                  "tqdm"],
                     "test": ["pytest", "hypothesis"],
                     # bench/adaptivity.py's PNG plots
                     "bench": ["matplotlib"],

@@ -10,6 +10,7 @@ N_bar, so that runs with different B, N and W can be compared.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,10 +20,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from atp_llava import ATPConfig, apply_atp  # noqa: E402
+from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
+from atp_llava.io import _gathered  # noqa: E402
 from atp_llava.data import SyntheticDataset, collate  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
-from atp_llava.trainer import ATPCallback, ATPTrainer  # noqa: E402
+from atp_llava.trainer import ZERO3_CONFIG, ATPCallback, ATPTrainer  # noqa: E402
 
 N_GRID = 576
 CONFIG = dict(layers=(1, 2, 3), target_tokens=200)
@@ -59,7 +61,14 @@ class Record(TrainerCallback):
         model.register_forward_hook(lambda m, a, out: self.n_bars.append(float(out.atp_stats["n_bar_batch"])))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.deepspeed:  # DeepSpeed keeps the gradients (partitioned) and has stepped already
+            return
         self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if n.startswith("atp.")}
+
+
+def EVAL(n):
+    """Held-out examples for the eval forward (--deepspeed)."""
+    return SyntheticDataset(n, TINY_IMAGE_TOKEN, N_GRID, 48, TINY_VOCAB, seed=4)
 
 
 def main():
@@ -68,13 +77,21 @@ def main():
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--accum", type=int, required=True)
     p.add_argument("--plain", action="store_true", help="plain Trainer with ATPCallback, uniform examples")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="DeepSpeed ZeRO-3 (atp_llava's config, every parameter partitioned); after the step, an "
+                        "eval forward with real pruning on every rank and save_atp from the partitions")
     a = p.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = apply_atp(tiny_llava(4, seed=0), ATPConfig(**CONFIG)).train()
     n = a.batch * a.accum * world
     data = Examples(n, uniform=True) if a.plain else Examples(n, text_only=TEXT_ONLY)
-    args = TrainingArguments(
+    ds_config = None
+    if a.deepspeed:
+        with open(ZERO3_CONFIG) as f:
+            ds_config = json.load(f)
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the small ATP ones too
+    args = TrainingArguments(deepspeed=ds_config, 
         output_dir=os.path.join(os.path.dirname(a.out), "trainer_out"), per_device_train_batch_size=a.batch,
         gradient_accumulation_steps=a.accum, max_steps=1, optim="sgd", learning_rate=0.5,
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0,
@@ -94,10 +111,22 @@ def main():
         torch.distributed.all_gather_object(n_bars, record.n_bars)
     else:
         n_bars = [record.n_bars]
+    with _gathered(model.atp):  # whole under ZeRO-3
+        params = {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("atp.")}
+    result = {"grads": record.grads, "log_history": trainer.state.log_history, "n_bars": n_bars, "params": params,
+              "lrs": [g["lr"] for g in trainer.optimizer.param_groups]}
+    if a.deepspeed:
+        result["zero_stage"] = trainer.model_wrapped.zero_optimization_stage()
+        atp = list(model.atp.parameters())  # outside a forward: released, each rank holding its partition
+        result["released"] = all(p.numel() == 0 for p in atp)
+        result["partition"] = (sum(p.ds_tensor.numel() for p in atp), sum(p.ds_numel for p in atp))
+        model.eval()
+        with torch.no_grad():
+            out = model(**collate([EVAL(2)[i] for i in range(2)]))  # every rank: ZeRO-3 gathers in the forward
+        result.update(eval_logits=out.logits, eval_tokens=out.atp_stats["tokens"])
+        save_atp(model, os.path.join(os.path.dirname(a.out), "zero3_atp.safetensors"))
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"grads": record.grads, "log_history": trainer.state.log_history, "n_bars": n_bars,
-                    "params": {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("atp.")},
-                    "lrs": [g["lr"] for g in trainer.optimizer.param_groups]}, a.out)
+        torch.save(result, a.out)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

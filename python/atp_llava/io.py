@@ -5,6 +5,7 @@ metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional, Union
@@ -30,19 +31,33 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
+def _gathered(module: nn.Module):
+    """A context in which DeepSpeed ZeRO-3's partitioned parameters of ``module`` are whole (a
+    collective: every rank enters it); a no-op for other parameters."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model.atp``'s parameters and its ATPConfig to ``path`` (.safetensors).
 
-    Under torch.distributed only rank 0 writes. Sharded parameters (FSDP2's ``fully_shard``)
-    are gathered into whole tensors first, a collective: then every rank must call it (with
-    replicated parameters, DDP, rank 0 alone may). The file loads into an unsharded model
-    (``load_atp``)."""
+    Under torch.distributed only rank 0 writes. Sharded parameters (FSDP2's ``fully_shard``,
+    DeepSpeed ZeRO-3's partitions) are gathered into whole tensors first, a collective: then
+    every rank must call it (with replicated parameters, DDP, rank 0 alone may). The file loads
+    into an unsharded model (``load_atp``)."""
     from safetensors.torch import save_file
 
     atp = getattr(model, "atp", None)
     if atp is None:
+        atp = getattr(getattr(model, "module", None), "atp", None)  # a DeepSpeed engine / DDP
+    if atp is None:
         raise ValueError("save_atp: the model has no ATP modules (apply_atp first)")
-    tensors = {k: _full_tensor(v).detach().to("cpu").contiguous() for k, v in atp.state_dict().items()}
+    with _gathered(atp):
+        tensors = {k: _full_tensor(v).detach().to("cpu").clone().contiguous() for k, v in atp.state_dict().items()}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         save_file(tensors, str(path), metadata={_CONFIG_KEY: atp.config.to_json(), _FORMAT_KEY: _FORMAT})
 

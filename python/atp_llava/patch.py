@@ -345,6 +345,7 @@ class ATPController:
         self._fsdp_generate = False  # generate() registered as an FSDP2 forward method
         self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
+        self._llava = weakref.ref(model.model)  # the LlavaModel (vision tower, projector, language model)
         self.handles = []
 
     # -- model hooks ---------------------------------------------------------------------------
@@ -413,7 +414,23 @@ class ATPController:
         self._lm_state = state
         if state is None:
             return None
+        if isinstance(state, ATPState) and state.layout.num_images == 0 and _distributed():
+            self._null_vision(state)
         return args, {**kwargs, "atp_state": ATPHandle(state)}
+
+    def _null_vision(self, state: ATPState) -> None:
+        """A batch without images under torch.distributed: the vision tower and the projector run
+        on one zero image, where the stock forward would have run them (after the embeddings,
+        before the language model), and join the loss with weight 0, so every rank runs the
+        same modules in the same order (ZeRO-3 gathers each module's parameters around its
+        forward; DDP wants a gradient for every trainable parameter) whatever its batch holds."""
+        llava = self._llava()
+        vc = llava.config.vision_config
+        param = next(llava.vision_tower.parameters())
+        pixels = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=param.dtype, device=param.device)
+        out = llava.get_image_features(pixel_values=pixels, vision_feature_layer=llava.config.vision_feature_layer,
+                                       vision_feature_select_strategy=llava.config.vision_feature_select_strategy)
+        state.null_terms.append(sum(f.float().sum() for f in out.pooler_output) * 0.0)
 
     def language_model_post_forward(self, module, args, kwargs, output):
         """Pruned forward: scatter the last hidden state back to the original positions, so the
@@ -745,6 +762,12 @@ class ATPController:
             object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
                                                                            per_token))
         return out
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _is_fsdp2_root(model: nn.Module) -> bool:

@@ -19,12 +19,19 @@ ATP and LM learning rates, and the budget statistics in Trainer's logs.
 * logs ATP's statistics with Trainer's own loss (``ATPCallback``, placed before the reporting
   callbacks so that every logger receives them).
 
+DeepSpeed ZeRO-3: ``TrainingArguments(deepspeed=atp_llava.trainer.ZERO3_CONFIG)`` (a config with
+Trainer's "auto" values; ``pip install .[deepspeed]``). ZeRO-3 gathers a module's parameters
+only around its forward; the ATP modules read theirs nowhere else, and every rank runs them in
+the same order whatever its batch holds. ``save_atp`` gathers the partitions (call it on every
+rank).
+
 With a plain ``Trainer``, the model still normalises its budget term over the accumulated batch,
 by label tokens instead of samples (exact when every forward holds the same label tokens per
 sample with an image); add ``ATPCallback`` for the logs.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -34,7 +41,10 @@ from transformers import Trainer, TrainerCallback
 from .losses import SAMPLES_IN_BATCH
 from .optim import DEFAULT_LR_ATP, param_groups
 
-__all__ = ["ATPTrainer", "ATPCallback"]
+__all__ = ["ATPTrainer", "ATPCallback", "ZERO3_CONFIG"]
+
+# DeepSpeed ZeRO-3 for TrainingArguments(deepspeed=...): Trainer fills in the "auto" values.
+ZERO3_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero3.json")
 
 
 def _atp_model(model: nn.Module) -> nn.Module:

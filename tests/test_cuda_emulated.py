@@ -32,6 +32,48 @@ def _toolchain():
         pytest.skip("the CUDA emulator needs g++ and the CUDA toolkit headers (nvcc on PATH)")
 
 
+class Emulator:
+    """``check.py serve`` in a child process: the cases run there, so that one whose kernel trips
+    the emulator (an EMU FAILURE aborts the process) fails alone with the emulator's message,
+    and the next case starts a new child."""
+
+    def __init__(self, out):
+        self.env = {**os.environ, "OUT": str(out)}
+        self.stderr_path = os.path.join(str(out), "serve.stderr")
+        self.proc = None
+
+    def _start(self):
+        self.stderr = open(self.stderr_path, "w+")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "cuda_emu", "check.py"), "serve"],
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+
+    def run(self, request):
+        """(passed, output) of one request: an ALL index, or "abort"."""
+        if self.proc is None:
+            self._start()
+        self.proc.stdin.write(f"{request}\n")
+        self.proc.stdin.flush()
+        lines = []
+        for line in self.proc.stdout:
+            if line.startswith(f"RESULT {request} "):
+                return line.split()[2] == "1", "".join(lines)
+            lines.append(line)
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        err = self.stderr.read()[-4000:]
+        self.stderr.close()
+        self.proc = None
+        return False, "".join(lines) + f"the emulator process ended (exit code {code}):\n{err}"
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.stderr.close()
+            self.proc = None
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     _toolchain()
@@ -40,12 +82,22 @@ def emulator(tmp_path_factory):
                            capture_output=True, text=True)
     assert build.returncode == 0, f"tests/cuda_emu/build.sh failed:\n{build.stdout}\n{build.stderr}"
     check.load(out)
+    emu = Emulator(out)
+    yield emu
+    emu.close()
 
 
-@pytest.mark.parametrize("case", check.ALL, ids=check.case_id)
-def test_cuda_kernel_code_matches_reference_on_the_emulator(emulator, case, capsys):
-    ok = case()
-    assert ok, capsys.readouterr().out
+@pytest.mark.parametrize("index", range(len(check.ALL)), ids=[check.case_id(c) for c in check.ALL])
+def test_cuda_kernel_code_matches_reference_on_the_emulator(emulator, index):
+    ok, output = emulator.run(index)
+    assert ok, output
+
+
+def test_an_aborted_emulator_fails_one_case_and_the_next_runs(emulator):
+    ok, output = emulator.run("abort")
+    assert not ok and "aborting on request" in output and "exit code" in output
+    ok, output = emulator.run(0)
+    assert ok, output
 
 
 @pytest.mark.parametrize("mutation", mutations.MUTATIONS, ids=lambda m: m.name)

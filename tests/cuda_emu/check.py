@@ -1,7 +1,8 @@
 """Runs the host-emulated CUDA kernels (build.sh makes libemu.so) against atp_ops.reference,
 with the host logic of csrc/cuda/ops_cuda.cpp (copies, split-K sizes, row lists) mirrored here.
 ``python check.py [quick|all|mutation]`` runs QUICK, ALL or MUTATION; tests/test_cuda_emulated.py runs ALL
-under pytest, and mutations.py runs MUTATION on mutated kernels."""
+under pytest (``python check.py serve``: one case per request, in a process the test restarts when
+an EMU FAILURE aborts it), and mutations.py runs MUTATION on mutated kernels."""
 import ctypes, os, sys
 from functools import partial
 import torch
@@ -418,8 +419,24 @@ def case_id(c):
     return f"{c.func.__name__}-{args}" + (f"-{kw}" if kw else "")
 
 
+def serve():
+    """For each line of stdin, the index of an ALL case: runs it and answers ``RESULT <index> 1``
+    (passed) or ``RESULT <index> 0`` on stdout, after the case's own output. A line ``abort``
+    aborts the process, as an EMU FAILURE does (the callers' check that they survive one)."""
+    for line in sys.stdin:
+        if line.strip() == "abort":
+            print("aborting on request", flush=True)
+            os.abort()
+        i = int(line)
+        ok = ALL[i]()
+        print(f"RESULT {i} {int(bool(ok))}", flush=True)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "quick"
+    if which == "serve":
+        serve()
+        sys.exit(0)
     oks = [c() for c in {"quick": QUICK, "all": ALL, "mutation": MUTATION}[which]]
     print("ALL OK" if all(oks) else "SOME FAILED")
     sys.exit(0 if all(oks) else 1)

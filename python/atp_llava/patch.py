@@ -486,8 +486,7 @@ class ATPController:
         loss = getattr(output, "loss", None)
         if loss is not None:
             stats["loss_ntp"] = loss.detach()
-            if self.config.mode == "adaptive":
-                output.loss = loss + budget  # Eq. 14
+            output.loss = loss + budget  # Eq. 14 (adaptive; otherwise + 0)
         # atp_stats and the live (graph-connected) budget terms, for custom objectives and
         # loggers, as fields of the output: wrappers that rebuild it (DDP) keep them.
         return with_atp_fields(output, atp_stats=stats, atp_losses=live_losses)
@@ -508,9 +507,12 @@ class ATPController:
                             cfg.target_delta)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
         extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
+        if cfg.mode != "adaptive":  # no budget term (fixed keep counts)
+            extra = extra * 0.0
         if state.budget_share is not None:  # one micro-batch of an accumulated batch (Trainer)
             extra = extra * state.budget_share
-        for term in state.null_terms:  # the threshold MLPs of a batch without images (atp_step)
+        # the modules a batch without images ran on zero inputs (atp_step, _null_vision), weight 0
+        for term in state.null_terms:
             extra = extra + term
         stats: Dict[str, Any] = {
             "layers": cfg.layers,

@@ -123,14 +123,14 @@ def test_budget_share_needs_num_items_in_batch():
     torch.testing.assert_close(by_tokens.loss, (whole.atp_stats["loss_ntp"] + budget) / 4, rtol=1e-5, atol=1e-6)
 
 
-def test_deepspeed_zero3_two_ranks_match_the_whole_batch(tmp_path):
+def test_deepspeed_zero3_two_ranks_match_the_whole_batch(tmp_path, monkeypatch):
     """ATPTrainer on DeepSpeed ZeRO-3 (atp_llava's zero3.json, every parameter partitioned), 2
     gloo ranks x accumulation 2 with a text-only micro-batch on one rank: the ATP parameters
     after the SGD step equal the whole-batch run's (1e-5 relative); an eval forward with real
     pruning runs under ZeRO-3 on both ranks; save_atp gathers the partitions and the file loads
     into an unsharded model that gives the same eval logits."""
     pytest.importorskip("deepspeed")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))  # for the ranks
     whole = _run(tmp_path, "whole", 1, 8, 1, plain=False)
     zero3 = _run(tmp_path, "zero3", 2, 2, 2, plain=False, extra=["--deepspeed"])
     assert zero3["zero_stage"] == 3 and zero3["released"]

@@ -21,18 +21,11 @@ from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
 from atp_llava.data import SyntheticDataset, collate  # noqa: E402
 from atp_llava.distributed import shard_fsdp2  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from trainer_worker import without_image  # noqa: E402  (beside this file)
 
 CONFIG = dict(layers=(1, 2, 3), target_tokens=200, init_threshold=0.5)  # eval prunes most tokens
 LR = 1e-2
 STEPS = 2
-
-
-def _example(data, i, text_only):
-    ex = dict(data[i])
-    if text_only:
-        ids = [t for t in ex["input_ids"] if t != TINY_IMAGE_TOKEN]
-        ex = {"input_ids": ids, "labels": ex["labels"][-len(ids):], "pixel_values": ex["pixel_values"][:0]}
-    return ex
 
 
 def rank_batch(step, rank, world=2):
@@ -40,7 +33,7 @@ def rank_batch(step, rank, world=2):
     data = SyntheticDataset(16, TINY_IMAGE_TOKEN, 576, 48, TINY_VOCAB, seed=5)
     first = (step * world + rank) * 2
     text_only = step == 0 and rank == 1
-    return collate([_example(data, i, text_only) for i in (first, first + 1)])
+    return collate([without_image(data[i]) if text_only else data[i] for i in (first, first + 1)])
 
 
 def eval_prompts(rank):

@@ -48,11 +48,13 @@ class Examples(torch.utils.data.Dataset):
             keep = N_GRID + 12
             ex["input_ids"] = ex["input_ids"][:keep - 2] + ex["input_ids"][-2:]
             ex["labels"] = [-100] * (keep - 2) + ex["labels"][-2:]
-        if i in self.text_only:
-            ids = [t for t in ex["input_ids"] if t != TINY_IMAGE_TOKEN]
-            ex = {"input_ids": ids, "labels": ex["labels"][-len(ids):],
-                  "pixel_values": ex["pixel_values"][:0]}
-        return ex
+        return without_image(ex) if i in self.text_only else ex
+
+
+def without_image(ex):
+    """A SyntheticDataset example with its image tokens and pixels removed (its text kept)."""
+    ids = [t for t in ex["input_ids"] if t != TINY_IMAGE_TOKEN]
+    return {"input_ids": ids, "labels": ex["labels"][-len(ids):], "pixel_values": ex["pixel_values"][:0]}
 
 
 class Record(TrainerCallback):

@@ -15,7 +15,21 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["shard_fsdp2"]
+__all__ = ["shard_fsdp2", "is_distributed", "is_rank0"]
+
+
+def is_distributed() -> bool:
+    """torch.distributed is initialised with more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank0() -> bool:
+    """This process writes files: rank 0, or the only process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def shard_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:

@@ -11,10 +11,10 @@ import os
 from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import ATPConfig
+from .distributed import is_rank0
 
 __all__ = ["save_atp", "load_atp", "read_atp_config"]
 
@@ -58,7 +58,7 @@ def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         raise ValueError("save_atp: the model has no ATP modules (apply_atp first)")
     with _gathered(atp):
         tensors = {k: _full_tensor(v).detach().to("cpu").clone().contiguous() for k, v in atp.state_dict().items()}
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if is_rank0():
         save_file(tensors, str(path), metadata={_CONFIG_KEY: atp.config.to_json(), _FORMAT_KEY: _FORMAT})
 
 

@@ -49,6 +49,7 @@ import atp_ops
 
 from . import flash
 from .config import ATPConfig
+from .distributed import is_distributed
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias
 from .losses import SAMPLES_IN_BATCH, atp_losses, budget_share, min_reachable_tokens, n_bar
@@ -414,7 +415,7 @@ class ATPController:
         self._lm_state = state
         if state is None:
             return None
-        if isinstance(state, ATPState) and state.layout.num_images == 0 and _distributed():
+        if isinstance(state, ATPState) and state.layout.num_images == 0 and is_distributed():
             self._null_vision(state)
         return args, {**kwargs, "atp_state": ATPHandle(state)}
 
@@ -506,9 +507,10 @@ class ATPController:
         losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens, cfg.target_loss,
                             cfg.target_delta)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
-        extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
-        if cfg.mode != "adaptive":  # no budget term (fixed keep counts)
-            extra = extra * 0.0
+        if cfg.mode == "adaptive":
+            extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
+        else:  # no budget term (fixed keep counts)
+            extra = lay.pad_bias.new_zeros(())
         if state.budget_share is not None:  # one micro-batch of an accumulated batch (Trainer)
             extra = extra * state.budget_share
         # the modules a batch without images ran on zero inputs (atp_step, _null_vision), weight 0
@@ -764,12 +766,6 @@ class ATPController:
             object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
                                                                            per_token))
         return out
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _is_fsdp2_root(model: nn.Module) -> bool:

@@ -41,7 +41,7 @@ from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .layout import IGNORE_INDEX
 from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
-from .distributed import shard_fsdp2
+from .distributed import is_rank0, shard_fsdp2
 from .patch import apply_atp, get_atp_controller
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
@@ -411,7 +411,7 @@ def save_model(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=N
     """
     inner = _unwrap(model)
     get_atp_controller(inner)
-    writer = _is_writer()
+    writer = is_rank0()
     if _is_sharded(inner):  # FSDP2: whole tensors, a collective (every rank calls save_model)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -424,12 +424,6 @@ def save_model(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=N
     save_atp(inner, os.path.join(directory, ATP_FILE))
     if tokenizer is not None and writer:
         tokenizer.save_pretrained(directory)
-
-
-def _is_writer() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -616,14 +610,15 @@ def _run_trainer(args, model, dataset, pad, dtype, device, rank, world_size, log
         def on_log(self, targs, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:  # Trainer's training logs only
                 return
+            # the own loop's epoch index; Trainer's state.epoch is the fraction of epochs done
+            epoch = max(math.ceil(state.epoch or 0) - 1, 0)
             if rank == 0:
-                self.row(state, logs, kwargs["optimizer"])
+                self.row(state, epoch, logs, kwargs["optimizer"])
             step = state.global_step
             if args.eval_every and step % args.eval_every == 0 and step < state.max_steps:
-                run_eval(step, max(math.ceil(state.epoch or 0) - 1, 0))  # every rank: it may gather or wait
+                run_eval(step, epoch)  # every rank: it may gather or wait
 
-        def row(self, state, logs, optimizer):
-            epoch = max(math.ceil(state.epoch or 0) - 1, 0)  # Trainer's is the fraction of epochs done
+        def row(self, state, epoch, logs, optimizer):
             rec = {"split": "train", "step": state.global_step, "epoch": epoch, "loss": float(logs["loss"])}
             rec.update({k[len("atp/"):]: v for k, v in logs.items() if k.startswith("atp/")})
             rec.update({f"lr_{name}": lr for name, lr in _lrs(optimizer).items()})

@@ -147,7 +147,7 @@ def test_rope_2d_rotates_vision_tokens_by_row_and_column(batch3):
     model = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(1, 2, 3), theta_override=KEEP_ALL, rope_2d=True))
     lay = VisionLayout.from_batch(batch3["input_ids"], TINY_IMAGE_TOKEN, N_GRID, batch3["attention_mask"])
     pos = torch.arange(600)[None]
-    pos3 = positions_3d(pos, lay, (24, 24))
+    pos3 = positions_3d(pos, lay)
     for i in range(3):
         b, p = int(lay.image_sample[i]), lay.image_pos[i]
         p0 = int(p[0])

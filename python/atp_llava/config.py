@@ -31,6 +31,11 @@ class ATPConfig:
             None: ``default_layers(num_hidden_layers)``, filled in by ``apply_atp``.
         target_tokens: N_target of Eq. 13, vision tokens per image averaged over all decoder
             layers (the paper's "Token" column, e.g. 144).
+        target_ratio: the budget as a keep ratio instead, for families whose images differ in
+            size (LLaVA-NeXT's anyres, Qwen2-VL's dynamic resolution): each sample's N_target is
+            ``target_ratio`` times its images' mean real token count, so N_bar is still tokens
+            per image averaged over all decoder layers and L_target compares it with the
+            sample's own target (their means over the batch). None: ``target_tokens``.
         temperature: T of Eq. 9-10.
         lambda_atp, lambda_target: weights of L_ATP and L_target in Eq. 14.
         lambda_sample: lambda_sample of Eq. 5 (paper: 3).
@@ -39,6 +44,9 @@ class ATPConfig:
         image_grid: (H, W) vision-token grid of one image; None = inferred from the vision
             config (image_size // patch_size, e.g. 24 x 24 = 576 for LLaVA-1.5 at 336 px).
         mlp_width: width of z in Eq. 6.
+        mlp_canvas: (H, W) canvas the threshold MLP's input is resampled to for families whose
+            images differ in size (masked average pooling, modules.ThresholdMLP); a fixed-grid
+            family (LLaVA-1.5) uses its own grid, where the resampling is the identity.
         init_threshold: initial theta_r and theta_s (the heads' bias is its logit); small keeps
             most tokens at the start of training.
         mode: "adaptive" (learned thresholds, soft masks in training, Eq. 6-11), "fixed"
@@ -100,6 +108,7 @@ class ATPConfig:
 
     layers: Optional[Tuple[int, ...]] = None
     target_tokens: float = 144.0
+    target_ratio: Optional[float] = None
     temperature: float = 10.0
     lambda_atp: float = 0.05
     lambda_target: float = 0.2
@@ -107,6 +116,7 @@ class ATPConfig:
     strides: Optional[Tuple[int, ...]] = None
     image_grid: Optional[Tuple[int, int]] = None
     mlp_width: int = 256
+    mlp_canvas: Tuple[int, int] = (24, 24)
     init_threshold: float = 0.1
     mode: str = "adaptive"
     fixed_keep: Optional[Tuple[int, ...]] = None
@@ -132,6 +142,13 @@ class ATPConfig:
             self.image_grid = tuple(int(s) for s in self.image_grid)
             if len(self.image_grid) != 2:
                 raise ValueError(f"ATPConfig.image_grid must be (H, W), got {self.image_grid}")
+        self.mlp_canvas = tuple(int(s) for s in self.mlp_canvas)
+        if len(self.mlp_canvas) != 2 or min(self.mlp_canvas) < 1:
+            raise ValueError(f"ATPConfig.mlp_canvas must be (H, W) with H, W >= 1, got {self.mlp_canvas}")
+        if self.target_ratio is not None:
+            self.target_ratio = float(self.target_ratio)
+            if not 0.0 < self.target_ratio <= 1.0:
+                raise ValueError(f"ATPConfig.target_ratio must lie in (0, 1], got {self.target_ratio}")
         if self.mode != "adaptive":
             if self.fixed_keep is None:
                 raise ValueError(f"ATPConfig.fixed_keep must give one kept-token count per ATP layer in "

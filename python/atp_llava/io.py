@@ -90,7 +90,7 @@ def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[A
 
     if getattr(model, "atp", None) is None:
         apply_atp(model, config if config is not None else read_atp_config(path))
-    device = next(model.atp.parameters(), model.atp.s_spatial).device
+    device = next(model.atp.parameters(), next(model.parameters())).device
     state = load_file(str(path), device=str(device))
     model.atp.load_state_dict(state, strict=strict)
     return model

@@ -1,16 +1,18 @@
-"""Where the vision tokens are: per-sample image spans found from ``input_ids == image_token_id``.
+"""Where the vision tokens are: every image's tokens, the grids they lie on, the padding and the
+instruction rows of S_cross, for one batch.
 
-Nothing here assumes an offset or a length of the prompt: every span, every padding position and
-the instruction rows used for S_cross are read from the batch itself.
+A model adapter (``atp_llava.models``) finds the images (``ImageTokens``); nothing here knows the
+model family, assumes an offset or a length of the prompt, or that images have equal sizes:
+each image has its own token count and grids, and per-image tensors are padded to the longest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["VisionLayout", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
+__all__ = ["VisionLayout", "ImageTokens", "fixed_grid_tokens", "grid_coords", "valid_mask", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -21,16 +23,103 @@ def padding_bias(valid: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 
 
 @dataclass
+class ImageTokens:
+    """Where one batch's images are, as a model adapter (``atp_llava.models``) finds them.
+
+    An "image" is one unit of pruning (one picture, or one video): its vision tokens, each on
+    one of the image's grids at a (row, col). LLaVA-1.5 has one H x W grid per image; LLaVA-NeXT
+    a base tile and the unpadded high-resolution canvas; Qwen2-VL one grid per frame.
+
+        sample  (I,) long: the sample of each image, images ordered by sample then position
+        pos     (I, N) long: the sequence position of each vision token, -1 past the image's
+                count (N is the largest count in the batch)
+        grid    (I, N, 3) long: (grid index within the image, row, col) of each token
+        shapes  one tuple per image of the (H, W) of each of its grids
+        vision  (B, L) bool: every position the vision encoder fills or brackets, the images'
+                tokens and the structural ones (row newlines, boundary tokens), which are
+                never pruned and are not instruction rows of S_cross
+    """
+
+    sample: torch.Tensor
+    pos: torch.Tensor
+    grid: torch.Tensor
+    shapes: Tuple[Tuple[Tuple[int, int], ...], ...]
+    vision: torch.Tensor
+
+    @classmethod
+    def pack(cls, sample: Sequence[int], positions: Sequence[torch.Tensor], grids: Sequence[torch.Tensor],
+             shapes: Sequence[Tuple[Tuple[int, int], ...]], vision: torch.Tensor) -> "ImageTokens":
+        """From one (N_i,) position tensor and one (N_i, 3) grid tensor per image (any order):
+        images sorted by (sample, first position) and padded to the longest."""
+        device = vision.device
+        order = sorted(range(len(positions)), key=lambda i: (int(sample[i]), int(positions[i][0])))
+        n = max((int(p.numel()) for p in positions), default=0)
+        pos = torch.full((len(order), n), -1, dtype=torch.long, device=device)
+        grid = torch.zeros(len(order), n, 3, dtype=torch.long, device=device)
+        for row, i in enumerate(order):
+            pos[row, :positions[i].numel()] = positions[i].to(device)
+            grid[row, :positions[i].numel()] = grids[i].to(device)
+        return cls(sample=torch.tensor([int(sample[i]) for i in order], dtype=torch.long, device=device),
+                   pos=pos, grid=grid, shapes=tuple(tuple(shapes[i]) for i in order), vision=vision)
+
+
+def grid_coords(shape: Tuple[int, int], index: int = 0, frames: int = 1) -> torch.Tensor:
+    """(frames * H * W, 3) long (grid, row, col) of ``frames`` H x W grids, each row-major,
+    numbered from ``index``."""
+    h, w = shape
+    t = torch.arange(frames * h * w)
+    return torch.stack([index + t // (h * w), (t // w) % h, t % w], dim=1)
+
+
+def fixed_grid_tokens(input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int,
+                      grid: Tuple[int, int]) -> ImageTokens:
+    """The images of a batch where every image is one run of H * W image tokens, row-major
+    (LLaVA-1.5): each chunk of H * W consecutive image tokens is one image."""
+    n_grid = grid[0] * grid[1]
+    is_img = (input_ids == image_token_id) & valid
+    counts = is_img.sum(1)
+    if bool((counts % n_grid != 0).any()):
+        raise ValueError(f"VisionLayout: every sample must hold a whole number of images of {n_grid} "
+                         f"image tokens each; image-token counts per sample: {counts.tolist()}")
+    coords = is_img.nonzero()  # (T, 2), ordered by sample then position
+    num_images = coords.shape[0] // n_grid
+    coords = coords.view(num_images, n_grid, 2)
+    image_pos = coords[:, :, 1]
+    contiguous = (image_pos[:, -1] - image_pos[:, 0] == n_grid - 1) & (coords[:, :, 0] == coords[:, :1, 0]).all(1)
+    if not bool(contiguous.all()):
+        raise ValueError("VisionLayout: image tokens must come in contiguous runs of "
+                         f"{n_grid} per image (the vision-token grid)")
+    rc = grid_coords(grid).to(input_ids.device)
+    return ImageTokens(sample=coords[:, 0, 0], pos=image_pos, grid=rc.expand(num_images, n_grid, 3),
+                       shapes=((tuple(grid),),) * num_images, vision=input_ids == image_token_id)
+
+
+def _as_grid(grid: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    if isinstance(grid, int):
+        side = int(round(grid ** 0.5))
+        if side * side != grid:
+            raise ValueError(f"VisionLayout: a grid of {grid} tokens is not square; give (H, W)")
+        return side, side
+    return int(grid[0]), int(grid[1])
+
+
+@dataclass
 class VisionLayout:
     """The vision-token layout of one batch.
 
-    Shapes (B batch, L sequence, I images in the batch, N = H * W tokens per image):
+    Shapes (B batch, L sequence, I images in the batch, N the most tokens of one image):
         pad_bias         (B, L) float32: 0 for real tokens, -inf for padding (key_bias base)
         image_sample     (I,) long: the sample each image belongs to
         image_slot       (I,) long: the image's index within its sample (0, 1, ...)
-        image_pos        (I, N) long: sequence positions of the image's tokens, grid row-major
-        text_rows        (I, L) bool: the rows that define S_cross of this image: real, non-image
-                         tokens after the image that are not answer tokens (labels == -100)
+        image_pos        (I, N) long: sequence positions of the image's tokens (-1 past its count)
+        image_valid      (I, N) bool: ``image_pos >= 0``
+        token_grid       (I, N, 3) long: (grid index, row, col) of every token (ImageTokens.grid)
+        token_shape      (I, N, 2) long: (H, W) of the grid each token lies on (1, 1 past the count)
+        grid_shapes      per image, the (H, W) of each of its grids
+        n_tokens         (I,) long: vision tokens of each image
+        text_rows        (I, L) bool: the rows that define S_cross of this image: real tokens
+                         after the image that are neither vision tokens nor structural ones nor
+                         answer tokens (labels == -100)
         images_per_sample (B,) long
         slot_images      one (I_s,) long per image slot s: the images that are their sample's
                          image s (slot 0: every sample's first image, ...)
@@ -38,11 +127,15 @@ class VisionLayout:
 
     batch: int
     seq_len: int
-    n_grid: int
     pad_bias: torch.Tensor
     image_sample: torch.Tensor
     image_slot: torch.Tensor
     image_pos: torch.Tensor
+    image_valid: torch.Tensor
+    token_grid: torch.Tensor
+    token_shape: torch.Tensor
+    grid_shapes: Tuple[Tuple[Tuple[int, int], ...], ...]
+    n_tokens: torch.Tensor
     text_rows: torch.Tensor
     images_per_sample: torch.Tensor
     slot_images: Tuple[torch.Tensor, ...]
@@ -55,64 +148,78 @@ class VisionLayout:
     def max_slots(self) -> int:
         return len(self.slot_images)
 
+    @property
+    def vision_tokens(self) -> torch.Tensor:
+        """(B,) long: vision tokens of every sample (all its images, structural ones excluded)."""
+        return self.n_tokens.new_zeros(self.batch).index_add(0, self.image_sample, self.n_tokens)
+
+    @property
+    def tokens_per_image(self) -> torch.Tensor:
+        """(B,) float32: each sample's mean vision tokens per image (0 without an image)."""
+        return self.per_sample_mean(self.n_tokens.to(torch.float32))
+
     @classmethod
-    def from_batch(cls, input_ids: torch.Tensor, image_token_id: int, n_grid: int,
+    def from_batch(cls, input_ids: torch.Tensor, image_token_id: int, grid: Union[int, Tuple[int, int]],
                    attention_mask: Optional[torch.Tensor] = None,
                    labels: Optional[torch.Tensor] = None,
                    prompt_len: Optional[int] = None) -> "VisionLayout":
-        """Build the layout from ``input_ids`` (B, L), the optional padding ``attention_mask``
-        (B, L) (1 = real token; left or right padding) and optional ``labels`` (B, L) (HF
-        convention: ``labels[b, t] != -100`` marks token t as an answer token). ``prompt_len``:
-        positions from it on are generated tokens (generate() recomputing its prefix), which
-        are not instruction rows either, so pruning follows the prompt alone.
+        """The layout of a batch whose images are runs of H * W image tokens (LLaVA-1.5,
+        ``fixed_grid_tokens``); ``grid`` is (H, W) or the token count of a square grid. A run of
+        image tokens must hold a whole number of images."""
+        valid = valid_mask(input_ids, attention_mask)
+        tokens = fixed_grid_tokens(input_ids, valid, image_token_id, _as_grid(grid))
+        return cls.from_tokens(tokens, input_ids, attention_mask, labels, prompt_len)
 
-        A run of image tokens must hold a whole number of images (k * n_grid tokens); each chunk
-        of n_grid consecutive image tokens is one image, so several images per prompt work.
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(f"VisionLayout: input_ids must be (B, L), got {tuple(input_ids.shape)}")
+    @classmethod
+    def from_tokens(cls, tokens: ImageTokens, input_ids: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor] = None,
+                    labels: Optional[torch.Tensor] = None,
+                    prompt_len: Optional[int] = None) -> "VisionLayout":
+        """Build the layout from the images an adapter found, ``input_ids`` (B, L), the optional
+        padding ``attention_mask`` (B, L) (1 = real token; left or right padding) and optional
+        ``labels`` (B, L) (HF convention: ``labels[b, t] != -100`` marks token t as an answer
+        token). ``prompt_len``: positions from it on are generated tokens (generate()
+        recomputing its prefix), which are not instruction rows either, so pruning follows the
+        prompt alone."""
         b, l = input_ids.shape
         device = input_ids.device
-        if attention_mask is None:
-            valid = torch.ones(b, l, dtype=torch.bool, device=device)
-        else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"VisionLayout: attention_mask must be (B, L) = {tuple(input_ids.shape)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            valid = attention_mask.to(device=device).bool()
+        valid = valid_mask(input_ids, attention_mask)
         pad_bias = padding_bias(valid)
-
-        is_img = (input_ids == image_token_id) & valid
-        counts = is_img.sum(1)
-        if bool((counts % n_grid != 0).any()):
-            raise ValueError(f"VisionLayout: every sample must hold a whole number of images of {n_grid} "
-                             f"image tokens each; image-token counts per sample: {counts.tolist()}")
-        images_per_sample = counts // n_grid
-        coords = is_img.nonzero()  # (T, 2), ordered by sample then position
-        num_images = coords.shape[0] // n_grid
-        coords = coords.view(num_images, n_grid, 2)
-        image_sample = coords[:, 0, 0]
-        image_pos = coords[:, :, 1]
-        contiguous = (image_pos[:, -1] - image_pos[:, 0] == n_grid - 1) & (coords[:, :, 0] == image_sample[:, None]).all(1)
-        if not bool(contiguous.all()):
-            raise ValueError("VisionLayout: image tokens must come in contiguous runs of "
-                             f"{n_grid} per image (the vision-token grid)")
+        image_sample, image_pos = tokens.sample.to(device), tokens.pos.to(device)
+        num_images = image_sample.shape[0]
+        image_valid = image_pos >= 0
+        if num_images and bool((~valid[image_sample[:, None].expand_as(image_pos)[image_valid],
+                                       image_pos[image_valid]]).any()):
+            raise ValueError("VisionLayout: an image token lies on a padding position")
+        images_per_sample = torch.zeros(b, dtype=torch.long, device=device).index_add(
+            0, image_sample, torch.ones_like(image_sample))
         first = torch.zeros(b + 1, dtype=torch.long, device=device)
         first[1:] = images_per_sample.cumsum(0)
         image_slot = torch.arange(num_images, device=device) - first[image_sample]
         max_slots = int(images_per_sample.max()) if num_images else 0
         slot_images = tuple((image_slot == s).nonzero().squeeze(1) for s in range(max_slots))
+        token_grid = tokens.grid.to(device)
+        token_shape = torch.ones(num_images, image_pos.shape[1], 2, dtype=torch.long, device=device)
+        for i, shapes in enumerate(tokens.shapes):
+            table = torch.tensor(shapes, dtype=torch.long, device=device)
+            token_shape[i][image_valid[i]] = table[token_grid[i, image_valid[i], 0]]
 
-        text = valid & ~(input_ids == image_token_id)
+        text = valid & ~tokens.vision.to(device)
         if labels is not None:
             text = text & (labels.to(device) == IGNORE_INDEX)
         if prompt_len is not None:
             text = text & (torch.arange(l, device=device) < prompt_len)[None, :]
-        after = torch.arange(l, device=device)[None, :] > image_pos[:, -1:]
+        after = torch.arange(l, device=device)[None, :] > image_pos.amax(1, keepdim=True)
         text_rows = after & text[image_sample]
-        return cls(batch=b, seq_len=l, n_grid=n_grid, pad_bias=pad_bias, image_sample=image_sample,
-                   image_slot=image_slot, image_pos=image_pos, text_rows=text_rows,
+        return cls(batch=b, seq_len=l, pad_bias=pad_bias, image_sample=image_sample, image_slot=image_slot,
+                   image_pos=image_pos, image_valid=image_valid, token_grid=token_grid, token_shape=token_shape,
+                   grid_shapes=tokens.shapes, n_tokens=image_valid.sum(1), text_rows=text_rows,
                    images_per_sample=images_per_sample, slot_images=slot_images)
+
+    def image_zeros(self, fill_invalid: float = float("-inf")) -> torch.Tensor:
+        """(I, N) float32: 0 on every image token, ``fill_invalid`` past each image's count."""
+        zeros = self.pad_bias.new_zeros(self.image_pos.shape)
+        return zeros.masked_fill(~self.image_valid, fill_invalid)
 
     def scatter(self, img_values: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """(B, L): ``base`` (B, L) with the image positions replaced by ``img_values`` (I, N), e.g.
@@ -120,7 +227,9 @@ class VisionLayout:
         if self.num_images == 0:
             return base
         rows = self.image_sample[:, None].expand_as(self.image_pos)
-        return base.index_put((rows.reshape(-1), self.image_pos.reshape(-1)), img_values.reshape(-1).to(base.dtype))
+        cols = torch.where(self.image_valid, self.image_pos, self.seq_len)  # past the count: a spare column
+        spare = torch.cat([base, base[:, :1]], dim=1)
+        return spare.index_put((rows.reshape(-1), cols.reshape(-1)), img_values.reshape(-1).to(base.dtype))[:, :-1]
 
     def per_sample_mean(self, per_image: torch.Tensor) -> torch.Tensor:
         """(I, ...) -> (B, ...): mean over each sample's images (0 for samples without one)."""
@@ -128,6 +237,18 @@ class VisionLayout:
         out = out.index_add(0, self.image_sample, per_image)
         denom = self.images_per_sample.clamp_min(1).to(per_image.dtype)
         return out / denom.view((-1,) + (1,) * (per_image.dim() - 1))
+
+
+def valid_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, L) bool: the real tokens of ``input_ids`` (B, L) by the padding ``attention_mask``."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"VisionLayout: input_ids must be (B, L), got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"VisionLayout: attention_mask must be (B, L) = {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    return attention_mask.to(device=input_ids.device).bool()
 
 
 def gather_slots(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ after that it is the mean of every forward's own L_target.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,24 +40,28 @@ __all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reacha
 SAMPLES_IN_BATCH = "atp_samples_in_batch"
 
 
-def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int, n_grid: int) -> torch.Tensor:
+def tokens_per_layer(kept: torch.Tensor, atp_layers: Sequence[int], num_layers: int,
+                     full: Union[float, torch.Tensor]) -> torch.Tensor:
     """Vision tokens seen by every decoder layer.
 
-    kept: (B, K) tokens per image kept after each of the K ATP layers (differentiable).
-    Returns (B, num_layers): ``n_grid`` before the first ATP layer, then the count after the
+    kept: (B, K) tokens per image kept after each of the K ATP layers (differentiable); full:
+    the tokens per image before any pruning, a number or (B,) per sample.
+    Returns (B, num_layers): ``full`` before the first ATP layer, then the count after the
     latest ATP layer at or before each decoder layer.
     """
     b = kept.shape[0]
+    full = torch.as_tensor(full, dtype=kept.dtype, device=kept.device).expand(b)
     cols = []
     k = -1
     for j in range(num_layers):
         while k + 1 < len(atp_layers) and atp_layers[k + 1] <= j:
             k += 1
-        cols.append(kept.new_full((b,), float(n_grid)) if k < 0 else kept[:, k])
+        cols.append(full if k < 0 else kept[:, k])
     return torch.stack(cols, dim=1)
 
 
-def target_loss(n_bar: torch.Tensor, target_tokens: float, kind: str = "l1", delta: float = 8.0) -> torch.Tensor:
+def target_loss(n_bar: torch.Tensor, target_tokens: Union[float, torch.Tensor], kind: str = "l1",
+                delta: float = 8.0) -> torch.Tensor:
     """L_target of Eq. 13: ``|n_bar - target|`` ("l1", the paper) or its Huber-smoothed form
     ("huber": ``0.5 x^2 / delta`` within ``delta`` tokens of the target, ``|x| - delta / 2``
     beyond, i.e. the same unit gradient as L1 away from the target and one that vanishes at it,
@@ -65,7 +69,8 @@ def target_loss(n_bar: torch.Tensor, target_tokens: float, kind: str = "l1", del
     if kind == "l1":
         return (n_bar - target_tokens).abs()
     if kind == "huber":
-        return F.smooth_l1_loss(n_bar, n_bar.new_tensor(float(target_tokens)), beta=float(delta))
+        return F.smooth_l1_loss(n_bar, torch.as_tensor(target_tokens, dtype=n_bar.dtype, device=n_bar.device),
+                                beta=float(delta))
     raise ValueError(f"target_loss: kind must be 'l1' or 'huber', got {kind!r}")
 
 
@@ -75,37 +80,47 @@ def n_bar(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], n
     each decoder layer (B, num_layers), their mean per sample (B,), and that mean over the
     samples that have an image ()). Samples without an image count 0 and stay out of the mean."""
     weights = (layout.images_per_sample > 0).to(kept.dtype)
-    per_layer = tokens_per_layer(kept, atp_layers, num_layers, layout.n_grid) * weights[:, None]
+    per_layer = tokens_per_layer(kept, atp_layers, num_layers, layout.tokens_per_image.to(kept.dtype)) * weights[:, None]
     per_sample = per_layer.mean(1)
     return per_layer, per_sample, (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def atp_losses(kept: torch.Tensor, layout: VisionLayout, atp_layers: Sequence[int], num_layers: int,
-               target_tokens: float, target_kind: str = "l1", target_delta: float = 8.0) -> Dict[str, torch.Tensor]:
+               target_tokens: float, target_kind: str = "l1", target_delta: float = 8.0,
+               target_ratio: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """L_ATP (Eq. 12), N_bar and L_target (Eq. 13, ``target_loss``) of one batch.
 
     kept: (B, K) tokens per image kept after each ATP layer (per-sample mean over images).
-    Samples without an image do not enter the averages.
+    Samples without an image do not enter the averages. ``target_ratio`` (ATPConfig): each
+    sample's target is that ratio of its images' mean token count instead of ``target_tokens``.
 
     Returns a dict of tensors:
-        loss_atp    () sum_k (kept_k / N_vis) * i_k, averaged over samples (N_vis = H * W)
+        loss_atp    () sum_k (kept_k / N_vis) * i_k, averaged over samples (N_vis: the
+                    sample's vision tokens per image, H * W for a fixed grid)
         n_bar       (B,) vision tokens per decoder layer, averaged over the layers
         n_bar_batch () n_bar averaged over the batch (the paper's "Token" column)
-        loss_target () target_loss(n_bar_batch, target_tokens, target_kind, target_delta)
+        target      () N_target of the batch (the mean of its samples' targets)
+        loss_target () target_loss(n_bar_batch, target, target_kind, target_delta)
         per_layer   (B, num_layers) tokens seen by each decoder layer
     """
     has_image = layout.images_per_sample > 0
     weights = has_image.to(kept.dtype)
     n_samples = weights.sum().clamp_min(1.0)
+    full = layout.tokens_per_image.to(kept.dtype)
     depth = torch.tensor([float(i) for i in atp_layers], dtype=kept.dtype, device=kept.device)
-    loss_atp_sample = (kept / layout.n_grid * depth).sum(1)  # Eq. 12
+    loss_atp_sample = (kept / full.clamp_min(1.0)[:, None] * depth).sum(1)  # Eq. 12
     per_layer, n_bar_sample, n_bar_batch = n_bar(kept, layout, atp_layers, num_layers)
+    if target_ratio is None:
+        target = kept.new_tensor(float(target_tokens))
+    else:
+        target = (target_ratio * full * weights).sum() / n_samples
     return {
         "loss_atp": (loss_atp_sample * weights).sum() / n_samples,
         "n_bar": n_bar_sample,
         "n_bar_batch": n_bar_batch,
+        "target": target,
         # 0 (and no gradient) for a batch without images; torch.where keeps it free of a host sync
-        "loss_target": torch.where(has_image.any(), target_loss(n_bar_batch, target_tokens, target_kind, target_delta),
+        "loss_target": torch.where(has_image.any(), target_loss(n_bar_batch, target, target_kind, target_delta),
                                    n_bar_batch * 0.0),
         "per_layer": per_layer,
     }

@@ -1,4 +1,5 @@
-"""apply_atp: turn a stock transformers LlavaForConditionalGeneration into ATP-LLaVA in place.
+"""apply_atp: turn a stock transformers vision-language model (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
+Qwen2.5-VL: ``atp_llava.models``) into its ATP version in place.
 
 No modeling file is copied. The model stays stock except for:
   * its text config's attention implementation, set to ``"atp"``: a function registered in
@@ -27,10 +28,10 @@ Each decoder layer's KV cache holds only what that layer saw; the per-layer key 
 cache entries is kept beside the cache (``CacheState``) and grows as ``generate()`` appends
 tokens. Decoding steps never prune: new tokens are text.
 
-Adding another decoder (e.g. Qwen2 as the LLaVA text model) needs only what
-``_language_model`` reads: decoder layers under ``language_model.layers`` whose attention module
-has ``layer_idx`` and calls the attention interface; the attention function refuses sliding
-windows, which it does not implement.
+Everything that depends on the model family (where the decoder layers are, where each image's
+tokens lie and on which grids, which tokens are structural, the vision encoder of a batch
+without images) is the family's adapter (``atp_llava.models``); nothing here asks which family
+it runs on. The attention function refuses sliding windows, which it does not implement.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ from . import flash
 from .config import ATPConfig
 from .distributed import is_distributed
 from .efficiency import kv_bytes_per_token, run_cost
-from .layout import SeqView, VisionLayout, gather_slots, padding_bias
+from .layout import SeqView, VisionLayout, gather_slots, padding_bias, valid_mask
 from .losses import SAMPLES_IN_BATCH, atp_losses, budget_share, min_reachable_tokens, n_bar
+from .models import ModelAdapter, adapter_for
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
@@ -314,26 +316,17 @@ def register_attention() -> None:
 # The controller: hooks that run the ATP modules and the losses
 
 
-def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    if lm is None or not hasattr(lm, "layers"):
-        raise TypeError(f"apply_atp: expected a LlavaForConditionalGeneration-like model with "
-                        f"model.model.language_model.layers, got {type(model).__name__}")
-    return lm
-
-
 class ATPController:
     """Owns the hooks of one ATP model. Plain object (no parameters): ``model.atp`` holds those."""
 
-    def __init__(self, model: nn.Module, atp: ATPModules, image_token_id: int, num_layers: int):
+    def __init__(self, model: nn.Module, atp: ATPModules, adapter: ModelAdapter, num_layers: int):
         self.atp = atp
-        tc = model.config.text_config
+        self.adapter = adapter
+        tc = adapter.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         # (hidden, ffn, kv_heads, head_dim) of the efficiency accounting (Eq. 15, §3.7)
         self.dims = (tc.hidden_size, tc.intermediate_size, tc.num_key_value_heads, head_dim)
         self.config = atp.config
-        self.image_token_id = image_token_id
         self.num_layers = num_layers
         self.score_layers = tuple(ATPConfig.score_layer(l) for l in self.config.layers)
         self._signature = inspect.signature(type(model).forward)
@@ -343,10 +336,10 @@ class ATPController:
         # Pruned prefills' per-layer cache bias, keyed by the transformers cache object they filled.
         self._caches: "weakref.WeakKeyDictionary[Any, CacheState]" = weakref.WeakKeyDictionary()
         self._prompt_len: Optional[int] = None  # inside generate(): the prompt's length
+        self._prompt_inputs: Dict[str, Any] = {}  # inside generate(): the prompt's adapter.layout_inputs
         self._fsdp_generate = False  # generate() registered as an FSDP2 forward method
         self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
-        self._llava = weakref.ref(model.model)  # the LlavaModel (vision tower, projector, language model)
         self.handles = []
 
     # -- model hooks ---------------------------------------------------------------------------
@@ -373,16 +366,20 @@ class ATPController:
         if prune and cache is not None and not isinstance(cache, DynamicCache):
             raise TypeError(f"ATP-LLaVA inference needs a DynamicCache (each layer keeps its own number of "
                             f"tokens), got {type(cache).__name__}")
-        layout = VisionLayout.from_batch(input_ids, self.image_token_id, self.atp.n_grid,
-                                         bound.get("attention_mask"), bound.get("labels"), self._prompt_len)
-        img_zeros = layout.pad_bias.new_zeros(layout.num_images, layout.n_grid)
+        attention_mask = bound.get("attention_mask")
+        for name, value in self._prompt_inputs.items():  # generate(): the prompt's image sizes and grids
+            if bound.get(name) is None and input_ids.shape[1] >= self._prompt_len:
+                bound[name] = value
+        tokens = self.adapter.image_tokens(bound, valid_mask(input_ids, attention_mask))
+        layout = VisionLayout.from_tokens(tokens, input_ids, attention_mask, bound.get("labels"), self._prompt_len)
+        img_zeros = layout.image_zeros()  # -inf past each image's count: never kept, never counted
         straight_through = (not hard) and self.config.mode == "adaptive" and self.config.budget == "hard"
         share = budget_share(layout, bound.get("labels"), *normalisers)
         self._active = self._pending = ATPState(
             layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias, img_bias=img_zeros,
-            img_keep=torch.ones_like(img_zeros, dtype=torch.bool), img_soft=img_zeros,
-            img_mask=torch.ones_like(img_zeros) if straight_through else None, score_layers=self.score_layers,
-            budget_share=share)
+            img_keep=layout.image_valid, img_soft=img_zeros,
+            img_mask=layout.image_valid.to(img_zeros.dtype) if straight_through else None,
+            score_layers=self.score_layers, budget_share=share)
 
     def _decode_state(self, module, cache, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor]) -> DecodeState:
@@ -397,7 +394,7 @@ class ATPController:
         if input_ids.shape[0] != state.batch:
             raise RuntimeError(f"ATP-LLaVA decoding: {input_ids.shape[0]} samples against a cache pruned for "
                                f"{state.batch} (beam search and batch changes are not supported)")
-        if bool((input_ids == self.image_token_id).any()):
+        if bool(self.adapter.vision_token_mask(input_ids).any()):
             raise NotImplementedError("ATP-LLaVA decoding: image tokens after the prefill are not supported")
         decode = DecodeState(cache=state, first_layer=self.config.layers[0])
         if state.flash is not None:
@@ -416,22 +413,13 @@ class ATPController:
         if state is None:
             return None
         if isinstance(state, ATPState) and state.layout.num_images == 0 and is_distributed():
-            self._null_vision(state)
+            # A batch without images: the vision encoder and the projector run on one zero
+            # image, where the stock forward would have run them (after the embeddings, before
+            # the language model), and join the loss with weight 0, so every rank runs the
+            # same modules in the same order (ZeRO-3 gathers each module's parameters around
+            # its forward; DDP wants a gradient for every trainable parameter).
+            state.null_terms.append(self.adapter.null_vision())
         return args, {**kwargs, "atp_state": ATPHandle(state)}
-
-    def _null_vision(self, state: ATPState) -> None:
-        """A batch without images under torch.distributed: the vision tower and the projector run
-        on one zero image, where the stock forward would have run them (after the embeddings,
-        before the language model), and join the loss with weight 0, so every rank runs the
-        same modules in the same order (ZeRO-3 gathers each module's parameters around its
-        forward; DDP wants a gradient for every trainable parameter) whatever its batch holds."""
-        llava = self._llava()
-        vc = llava.config.vision_config
-        param = next(llava.vision_tower.parameters())
-        pixels = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=param.dtype, device=param.device)
-        out = llava.get_image_features(pixel_values=pixels, vision_feature_layer=llava.config.vision_feature_layer,
-                                       vision_feature_select_strategy=llava.config.vision_feature_select_strategy)
-        state.null_terms.append(sum(f.float().sum() for f in out.pooler_output) * 0.0)
 
     def language_model_post_forward(self, module, args, kwargs, output):
         """Pruned forward: scatter the last hidden state back to the original positions, so the
@@ -453,7 +441,7 @@ class ATPController:
         if not isinstance(state, ATPState) or position_ids is None or position_ids.shape[-1] != state.layout.seq_len:
             return output
         cos, _ = output
-        pos3 = positions_3d(position_ids.to(cos.device), state.layout, self.atp.grid)
+        pos3 = positions_3d(position_ids.to(cos.device), state.layout)
         return rope_2d_cos_sin(pos3, module.inv_freq, module.attention_scaling, self.rope_section, cos.dtype)
 
     def model_post_forward(self, module, args, kwargs, output):
@@ -505,7 +493,7 @@ class ATPController:
 
         kept = per_sample(state.kept)
         losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens, cfg.target_loss,
-                            cfg.target_delta)
+                            cfg.target_delta, cfg.target_ratio)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
         if cfg.mode == "adaptive":
             extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
@@ -526,6 +514,7 @@ class ATPController:
             "tokens_per_layer": losses["per_layer"].detach(),
             "n_bar": losses["n_bar"].detach(),
             "n_bar_batch": losses["n_bar_batch"].detach(),
+            "n_target": losses["target"].detach(),
             "loss_atp": losses["loss_atp"].detach(),
             "loss_target": losses["loss_target"].detach(),
             "budget_share": None if state.budget_share is None else state.budget_share.detach(),
@@ -536,7 +525,7 @@ class ATPController:
         }
         if state.keep_codes:
             stats["keep_codes"] = state.keep_codes
-        n_vis = lay.images_per_sample * lay.n_grid
+        n_vis = lay.vision_tokens
         real = torch.isfinite(lay.pad_bias).sum(1)
         cost = run_cost(losses["per_layer"].detach() * lay.images_per_sample[:, None], real - n_vis, n_vis,
                         *self.dims, bytes_per_element=self._element_bytes(module))
@@ -616,8 +605,7 @@ class ATPController:
                     # key_bias of the layers from here on as well, so that the backward runs
                     # through the same decoder layers as a batch with images (FSDP2 gathers each
                     # layer's parameters for its backward: a rank that skipped them would hang).
-                    z = state.img_bias.new_zeros(1, self.atp.n_grid)
-                    tr, ts = self.atp(layer, z, z, torch.ones_like(z, dtype=torch.bool))
+                    tr, ts = self.atp(layer, *self.atp.null_input(state.img_bias.device))
                     null = (tr.sum() + ts.sum()) * 0.0
                     state.null_terms.append(null)
                     if null.requires_grad:
@@ -631,8 +619,8 @@ class ATPController:
         s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
         if cfg.mode == "adaptive":
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
-            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept)
-            s_spatial = self.atp.s_spatial.to(s_red.device)
+            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept, self.atp.cells(lay), self.atp.globals(lay, kept))
+            s_spatial = self.atp.spatial(lay)
             soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature)  # log M, Eq. 9-11
             by_red = (s_red > theta_r[:, None]) | self._top_k(s_red, state.img_keep, cfg.min_keep)
             by_spatial = s_spatial > theta_s[:, None]
@@ -700,8 +688,13 @@ class ATPController:
         w_img = prev_img_bias.exp()  # Eq. 3 rows weighted by their current soft mask (§3.2)
         for idx in lay.slot_images:
             rows = lay.image_sample[idx]
-            # the image's tokens in the slots (lc: gone, a spare column that is dropped)
-            pos = lay.image_pos[idx] if view is None else view.inv[rows[:, None], lay.image_pos[idx]]
+            # the image's tokens in the slots (lc: gone or past the image's count, a spare
+            # column that is dropped)
+            valid = lay.image_valid[idx]
+            pos = lay.image_pos[idx].clamp_min(0)
+            if view is not None:
+                pos = view.inv[rows[:, None], pos]
+            pos = torch.where(valid, pos, lc)
             w_self = lse.new_zeros(b, lc + 1, dtype=torch.float32)
             w_self[rows[:, None].expand(-1, n), pos] = w_img[idx]
             w_cross = lse.new_zeros(b, lc, dtype=torch.float32)
@@ -753,11 +746,13 @@ class ATPController:
         if input_ids is None:
             raise ValueError("ATP-LLaVA generate() needs input_ids")
         self._prompt_len = int(input_ids.shape[1])
+        self._prompt_inputs = {name: kwargs[name] for name in self.adapter.layout_inputs if kwargs.get(name) is not None}
         self._call_report = None
         try:
             out = stock_generate(*args, **kwargs)
         finally:
             self._prompt_len = None
+            self._prompt_inputs = {}
         report, self._call_report = self._call_report, None
         if report is not None:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -832,19 +827,11 @@ def get_atp_controller(model: nn.Module) -> ATPController:
 # apply_atp
 
 
-def _image_grid(model: nn.Module, config: ATPConfig) -> Tuple[int, int]:
-    if config.image_grid is not None:
-        return config.image_grid
-    vc = model.config.vision_config
-    side = vc.image_size // vc.patch_size
-    if getattr(model.config, "vision_feature_select_strategy", "default") != "default":
-        raise ValueError("apply_atp: vision_feature_select_strategy 'full' adds a CLS token to the grid; "
-                         "set ATPConfig.image_grid explicitly or use 'default'")
-    return side, side
-
-
 def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
-    """Turn a stock ``LlavaForConditionalGeneration`` into ATP-LLaVA, in place; returns it.
+    """Turn a stock vision-language model of a supported family (``atp_llava.models``:
+    ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, Qwen2-VL,
+    Qwen2.5-VL) into its ATP version, in place; returns it. Any other class is refused with the
+    list of the supported ones.
 
     After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``
     returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + lambda_target L_target``
@@ -858,16 +845,17 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     check_transformers_version()
     if getattr(model, "_atp_controller", None) is not None:
         raise ValueError("apply_atp: this model already has ATP modules")
-    lm = _language_model(model)
-    text_config = model.config.text_config
+    adapter = adapter_for(model, config)
+    lm = adapter.language_model()
+    text_config = adapter.text_config
     num_layers = text_config.num_hidden_layers
     config = config.for_depth(num_layers)
     if config.layers[-1] >= num_layers:
         raise ValueError(f"apply_atp: ATP layers {config.layers} must be < num_hidden_layers = {num_layers}")
     if getattr(text_config, "attention_dropout", 0.0):
         raise ValueError("apply_atp: the text model's attention_dropout must be 0 (atp_attention has none)")
-    grid = _image_grid(model, config)
-    if config.mode == "adaptive" and config.theta_override is None:
+    grid = adapter.grid
+    if config.mode == "adaptive" and config.theta_override is None and config.target_ratio is None and grid:
         n_grid = grid[0] * grid[1]
         floor = min_reachable_tokens(config.layers, num_layers, n_grid, config.min_keep)
         if config.target_tokens < floor:
@@ -888,7 +876,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
         if name.startswith("atp."):
             p.requires_grad_(True)
         elif config.train_lm:
-            p.requires_grad_(not name.startswith("model.vision_tower."))
+            p.requires_grad_(not name.startswith(adapter.vision_prefixes()))
         else:
             p.requires_grad_(False)
 
@@ -896,7 +884,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     if text_config._attn_implementation != ATTN_IMPLEMENTATION:
         raise RuntimeError(f"apply_atp: could not set the text model's attention to {ATTN_IMPLEMENTATION!r}")
 
-    ctrl = ATPController(model, atp, model.config.image_token_id, num_layers)
+    ctrl = ATPController(model, atp, adapter, num_layers)
     ctrl.prev_requires_grad, ctrl.prev_attn_implementation = prev_requires_grad, prev_attn_implementation
     ctrl.handles.append(model.register_forward_pre_hook(ctrl.model_pre_forward, with_kwargs=True))
     ctrl.handles.append(model.register_forward_hook(ctrl.model_post_forward, with_kwargs=True))
@@ -920,7 +908,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
 
 
 def remove_atp(model: nn.Module) -> nn.Module:
-    """Undo ``apply_atp``, in place; returns the model, a stock LlavaForConditionalGeneration again.
+    """Undo ``apply_atp``, in place; returns the model, a stock model of its class again.
 
     Removes the hooks, ``model.atp`` (its weights go with it: ``save_atp`` first to keep them),
     the ``generate`` wrapper and ``model.atp_report``, and restores the text model's attention

@@ -27,19 +27,21 @@ def default_section(half_dim: int) -> Tuple[int, int, int]:
     return t, hw, hw
 
 
-def positions_3d(position_ids: torch.Tensor, layout: VisionLayout, grid: Tuple[int, int]) -> torch.Tensor:
-    """(3, B, L) long (t, row, col) positions from the model's 1D ``position_ids`` (B or 1, L)."""
+def positions_3d(position_ids: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+    """(3, B, L) long (t, row, col) positions from the model's 1D ``position_ids`` (B or 1, L):
+    a vision token at (row, col) of its grid gets (p0, p0 + row, p0 + col), p0 the position of
+    its image's first token (an image's grids, e.g. a LLaVA-NeXT base tile and canvas, each
+    start at p0), every other token (p, p, p)."""
     pos = position_ids.expand(layout.batch, layout.seq_len)
     pos3 = pos.unsqueeze(0).repeat(3, 1, 1)
     if layout.num_images:
-        n = layout.n_grid
-        idx = torch.arange(n, device=pos.device)
-        row, col = idx // grid[1], idx % grid[1]
-        rows = layout.image_sample[:, None].expand(-1, n)
-        p0 = pos[layout.image_sample, layout.image_pos[:, 0]][:, None]  # (I, 1)
-        pos3[0, rows, layout.image_pos] = p0.expand(-1, n)
-        pos3[1, rows, layout.image_pos] = p0 + row[None]
-        pos3[2, rows, layout.image_pos] = p0 + col[None]
+        valid = layout.image_valid
+        rows = layout.image_sample[:, None].expand_as(layout.image_pos)[valid]
+        cols = layout.image_pos[valid]
+        p0 = pos[layout.image_sample, layout.image_pos[:, 0]][:, None].expand_as(layout.image_pos)[valid]
+        pos3[0, rows, cols] = p0
+        pos3[1, rows, cols] = p0 + layout.token_grid[..., 1][valid]
+        pos3[2, rows, cols] = p0 + layout.token_grid[..., 2][valid]
     return pos3
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["default_strides", "spatial_score"]
+__all__ = ["default_strides", "spatial_score", "SpatialScores"]
 
 
 def default_strides(grid: Tuple[int, int], lambda_sample: float) -> Tuple[int, ...]:
@@ -42,3 +42,32 @@ def spatial_score(grid: Tuple[int, int], lambda_sample: float,
         cell = score[rows[:, None], cols[None, :]]
         score[rows[:, None], cols[None, :]] = torch.clamp_min(cell, value)
     return score.reshape(-1)
+
+
+class SpatialScores:
+    """S_spatial of every token of a batch's images (VisionLayout), each token scored on its own
+    grid (a LLaVA-NeXT image: the base tile and the canvas separately; a video: every frame).
+    One map per grid shape, computed once and kept."""
+
+    def __init__(self, lambda_sample: float, strides: Optional[Sequence[int]] = None):
+        self.lambda_sample = lambda_sample
+        self.strides = None if strides is None else tuple(strides)
+        self._maps: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    def map(self, shape: Tuple[int, int]) -> torch.Tensor:
+        """(H * W,) float32 of one grid shape (``spatial_score``)."""
+        shape = (int(shape[0]), int(shape[1]))
+        if shape not in self._maps:
+            self._maps[shape] = spatial_score(shape, self.lambda_sample, self.strides)
+        return self._maps[shape]
+
+    def __call__(self, layout) -> torch.Tensor:
+        """(I, N) float32: every token's score, 0 past an image's count."""
+        out = torch.zeros(layout.image_pos.shape, dtype=torch.float32, device=layout.image_pos.device)
+        shapes = sorted({s for image in layout.grid_shapes for s in image})
+        rc = layout.token_grid[..., 1:]
+        for h, w in shapes:
+            on = (layout.token_shape == torch.tensor([h, w], device=out.device)).all(-1) & layout.image_valid
+            flat = (rc[..., 0] * w + rc[..., 1]).clamp(0, h * w - 1)
+            out = torch.where(on, self.map((h, w)).to(out.device)[flat], out)
+        return out

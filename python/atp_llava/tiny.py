@@ -1,13 +1,28 @@
-"""A tiny random LLaVA built from configs: the real 24 x 24 = 576-token image layout with a
-decoder small enough for CPU tests and smoke runs (no download)."""
+"""Tiny random models of every supported family, built from configs (no download): the real
+image layouts (LLaVA-1.5's 24 x 24 grid, LLaVA-NeXT's anyres tiles, Qwen2-VL's dynamic grids and
+M-RoPE) with decoders small enough for CPU tests and smoke runs, and batches for them."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "TINY_VOCAB", "TINY_IMAGE_TOKEN"]
+__all__ = ["tiny_llava", "tiny_llava_next", "tiny_qwen2_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
+           "TINY_FAMILIES"]
 
 TINY_VOCAB = 128
 TINY_IMAGE_TOKEN = TINY_VOCAB - 1
+
+
+def _text_config(kind: str, num_layers: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"tiny_llava: decoder must be 'llama' or 'qwen2', got {kind!r}")
 
 
 def tiny_llava(num_layers: int = 4, decoder: str = "llama", seed: int = 0, attn_implementation: str = "sdpa",
@@ -20,22 +35,142 @@ def tiny_llava(num_layers: int = 4, decoder: str = "llama", seed: int = 0, attn_
 
     vision = CLIPVisionConfig(image_size=image_size, patch_size=2, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=1, num_attention_heads=2, projection_dim=32)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    if decoder == "llama":
-        from transformers import LlamaConfig
-
-        text = LlamaConfig(**common)
-    elif decoder == "qwen2":
-        from transformers import Qwen2Config
-
-        text = Qwen2Config(**common)
-    else:
-        raise ValueError(f"tiny_llava: decoder must be 'llama' or 'qwen2', got {decoder!r}")
+    text = _text_config(decoder, num_layers)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=TINY_IMAGE_TOKEN,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+# LLaVA-NeXT: 16 px tiles of 8 x 8 tokens; pinpoints of 1 x 2, 2 x 1 and 2 x 2 tiles.
+NEXT_TILE = 16
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def tiny_llava_next(num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """Random ``LlavaNextForConditionalGeneration`` (anyres): CLIP tower of 16 px tiles, patch 2
+    (8 x 8 tokens per tile, CLS dropped), image_grid_pinpoints NEXT_PINPOINTS, the llama decoder
+    of ``tiny_llava``."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=NEXT_TILE, patch_size=2, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=_text_config("llama", num_layers),
+                             image_token_id=TINY_IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS,
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+# Qwen2-VL: special tokens at the top of the tiny vocabulary.
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
+
+
+def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", attn_implementation: str = "sdpa"):
+    """Random ``Qwen2VLForConditionalGeneration`` (``version`` "2") or
+    ``Qwen2_5_VLForConditionalGeneration`` ("2.5"): vision patch 2, spatial merge 2, temporal
+    patch 2, one vision block; text hidden 64, head_dim 16, M-RoPE sections (2, 3, 3)."""
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+    else:
+        raise ValueError(f"tiny_qwen2_vl: version must be '2' or '2.5', got {version!r}")
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                  patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = Config(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                    vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Model(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+                 "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw)}
+
+
+def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, padding: str = "left"):
+    """A batch for ``model`` (a tiny model of any family): sample b holds the images
+    ``images[b]`` (a list; each LLaVA-1.5 image is None, a LLaVA-NeXT image its (H, W) pixel
+    size, a Qwen2-VL image its (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt
+    tokens, then ``answer`` answer tokens (labels) at the end. Padded on ``padding``. Returns the
+    model's keyword arguments."""
+    g = torch.Generator().manual_seed(seed)
+    kind = type(model).__name__
+    cfg = model.config
+
+    def words(n):
+        return torch.randint(3, 100, (n,), generator=g).tolist()
+
+    seqs, answers, pixels, extra = [], [], [], {}
+    sizes, image_thw, video_thw, video_pixels = [], [], [], []
+    for sample in images:
+        ids = [1]
+        for image in sample:
+            ids += words(text)
+            if kind.startswith("Qwen2"):
+                t, h, w = image
+                m = cfg.vision_config.spatial_merge_size
+                token = QWEN_VIDEO if t > 1 else QWEN_IMAGE
+                ids += [QWEN_START] + [token] * (t * h * w // (m * m)) + [QWEN_END]
+                vc = cfg.vision_config
+                px = torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
+                (video_thw if t > 1 else image_thw).append((t, h, w))
+                (video_pixels if t > 1 else pixels).append(px)
+            elif kind.startswith("LlavaNext"):
+                packed, lens = model.model.pack_image_features(
+                    [torch.zeros(_next_patches(image), (NEXT_TILE // 2) ** 2, 1)], torch.tensor([image]), "default",
+                    image_newline=torch.zeros(1))
+                ids += [TINY_IMAGE_TOKEN] * int(lens[0])
+                sizes.append(image)
+                pixels.append(torch.randn(_next_patches(image), 3, NEXT_TILE, NEXT_TILE, generator=g))
+            else:
+                side = cfg.vision_config.image_size
+                ids += [TINY_IMAGE_TOKEN] * (side // cfg.vision_config.patch_size) ** 2
+                pixels.append(torch.randn(3, side, side, generator=g))
+        ids += words(text)
+        ans = words(answer)
+        seqs.append(ids + ans)
+        answers.append(len(ans))
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for b, (s, a) in enumerate(zip(seqs, answers)):
+        start = length - len(s) if padding == "left" else 0
+        input_ids[b, start:start + len(s)] = torch.tensor(s)
+        mask[b, start:start + len(s)] = 1
+        labels[b, start + len(s) - a:start + len(s)] = input_ids[b, start + len(s) - a:start + len(s)]
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if kind.startswith("Qwen2"):
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == QWEN_IMAGE] = 1
+        types[input_ids == QWEN_VIDEO] = 2
+        out["mm_token_type_ids"] = types
+        if pixels:
+            out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(image_thw))
+        if video_pixels:
+            out.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_thw))
+    elif kind.startswith("LlavaNext"):
+        if pixels:
+            most = max(p.shape[0] for p in pixels)
+            out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
+            out["image_sizes"] = torch.tensor(sizes)
+    elif pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
+
+
+def _next_patches(size) -> int:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(list(size), NEXT_PINPOINTS, NEXT_TILE)

@@ -159,7 +159,7 @@ class ATPTrainer(Trainer):
     def __init__(self, *args, lr_atp: float = DEFAULT_LR_ATP, log_atp: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr_atp = float(lr_atp)
-        self._image_token_id = _atp_model(self.model)._atp_controller.image_token_id
+        self._adapter = _atp_model(self.model)._atp_controller.adapter
         self._samples_in_batch: Optional[torch.Tensor] = None
         if log_atp:
             self.callback_handler.callbacks.insert(0, ATPCallback())
@@ -181,7 +181,7 @@ class ATPTrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._samples_in_batch = None
         if num_items_in_batch is not None and batch_samples:
-            count = sum((b["input_ids"] == self._image_token_id).any(-1).sum() for b in batch_samples)
+            count = sum(self._adapter.vision_token_mask(b["input_ids"]).any(-1).sum() for b in batch_samples)
             count = torch.as_tensor(count, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()  # as Trainer counts num_items_in_batch

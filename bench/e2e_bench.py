@@ -26,6 +26,10 @@ Presets:
             32064, 576 image tokens per image; a one-layer CLIP vision tower with the real
             24 x 24 patch grid (the vision tower costs the same in every variant and is not
             what is measured); bf16 on CUDA
+  qwen_tiny, qwen2_5_vl7b
+            Qwen2.5-VL: the tiny decoder above with M-RoPE, and Qwen2.5-VL-7B's shapes (28 layers,
+            d 3584, m 18944, 28 heads, 4 KV heads, vocab 152064); one 672 px image (grid
+            1 x 48 x 48 patches, 576 tokens after the 2 x 2 merge); a one-layer vision tower
   --num-layers overrides the decoder depth (a CPU smoke run of the 7B shapes).
   --flash-decode decodes on flash-attn in every variant (needs flash-attn 2.6+ and a GPU): the
   unpruned model with transformers' "flash_attention_2", ATP and FastV with
@@ -60,15 +64,22 @@ import atp_ops  # noqa: E402
 from atp_llava import ATPConfig, apply_atp  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "tiny": dict(hidden=256, ffn=688, layers=8, heads=8, kv_heads=8, vocab=128, atp_layers=(2, 4, 6),
-                 fastv_layer=2, text=(35, 64), image=48, patch=2, dtype="float32"),
-    "llava7b": dict(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32064, atp_layers=(4, 14, 24),
-                    fastv_layer=2, text=(35, 64), image=336, patch=14, dtype="bfloat16"),
+    "tiny": dict(family="llava", hidden=256, ffn=688, layers=8, heads=8, kv_heads=8, vocab=128,
+                 atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), image=48, patch=2, dtype="float32"),
+    "llava7b": dict(family="llava", hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32064,
+                    atp_layers=(4, 14, 24), fastv_layer=2, text=(35, 64), image=336, patch=14, dtype="bfloat16"),
+    # grid (T, H, W) in vision patches: 1 x 48 x 48 at patch 14 is a 672 px image, 24 x 24 = 576
+    # LLM tokens after the 2 x 2 merge
+    "qwen_tiny": dict(family="qwen2_5_vl", hidden=256, ffn=688, layers=8, heads=8, kv_heads=2, vocab=160,
+                      atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), grid=(1, 48, 48), patch=2,
+                      mrope=(4, 6, 6), dtype="float32"),
+    "qwen2_5_vl7b": dict(family="qwen2_5_vl", hidden=3584, ffn=18944, layers=28, heads=28, kv_heads=4, vocab=152064,
+                         atp_layers=(4, 12, 21), fastv_layer=2, text=(35, 64), grid=(1, 48, 48), patch=14,
+                         mrope=(16, 24, 24), dtype="bfloat16"),
 }
 
 
-def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, dtype: torch.dtype):
-    """A random LlavaForConditionalGeneration of the preset's shape (SDPA attention)."""
+def _llava_config(preset: Dict[str, Any], num_layers: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(image_size=preset["image"], patch_size=preset["patch"], hidden_size=64,
@@ -77,30 +88,71 @@ def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, d
                        num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
                        vocab_size=preset["vocab"], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
                        eos_token_id=2, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=preset["vocab"] - 1,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration, LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_id=preset["vocab"] - 1, vision_feature_layer=-1,
+                                                      vision_feature_select_strategy="default")
+
+
+def _qwen_config(preset: Dict[str, Any], num_layers: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    v = preset["vocab"]
+    vision = dict(depth=1, embed_dim=64, hidden_size=64, out_hidden_size=preset["hidden"], intermediate_size=128,
+                  num_heads=2, patch_size=preset["patch"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(hidden_size=preset["hidden"], intermediate_size=preset["ffn"], num_hidden_layers=num_layers,
+                num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], vocab_size=v,
+                max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "mrope_section": list(preset["mrope"]), "rope_theta": 1e6})
+    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, image_token_id=v - 1, video_token_id=v - 2,
+        vision_start_token_id=v - 3, vision_end_token_id=v - 4, tie_word_embeddings=False)
+
+
+def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, dtype: torch.dtype):
+    """A random model of the preset's family and shape (SDPA attention): a one-layer vision tower
+    (it costs the same in every variant and is not what is measured) and the full decoder."""
+    cls, config = (_llava_config if preset["family"] == "llava" else _qwen_config)(preset, num_layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(default)
     model.set_attn_implementation("sdpa")
     return model.eval()
 
 
-def prompts(model, batch: int, text: tuple, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """``batch`` prompts: text[0] system tokens, one image, text[1] instruction tokens."""
+def image_tokens(preset: Dict[str, Any]) -> int:
+    """LLM tokens of one benchmark image."""
+    if preset["family"] == "llava":
+        return (preset["image"] // preset["patch"]) ** 2
+    t, h, w = preset["grid"]
+    return t * (h // 2) * (w // 2)
+
+
+def prompts(model, batch: int, preset: Dict[str, Any], seed: int = 0) -> Dict[str, torch.Tensor]:
+    """``batch`` prompts: text[0] system tokens, one image, text[1] instruction tokens (Qwen:
+    the image between its vision_start and vision_end tokens, with its grid and M-RoPE types)."""
     cfg = model.config
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    n, (pre, post) = image_tokens(preset), preset["text"]
+    qwen = preset["family"] != "llava"
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, cfg.text_config.vocab_size - 1, (batch, text[0] + side * side + text[1]), generator=g)
-    ids[:, text[0]:text[0] + side * side] = cfg.image_token_id
+    start = pre + qwen
+    ids = torch.randint(3, cfg.text_config.vocab_size - 4, (batch, start + n + post + qwen), generator=g)
+    ids[:, start:start + n] = cfg.image_token_id
     param = next(model.parameters())
-    pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
-    return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype)}
+    if not qwen:
+        pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+        return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype)}
+    vc = cfg.vision_config
+    ids[:, start - 1], ids[:, start + n] = cfg.vision_start_token_id, cfg.vision_end_token_id
+    t, h, w = preset["grid"]
+    pixels = torch.randn(batch * t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
+    return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype),
+            "image_grid_thw": torch.tensor([[t, h, w]] * batch, device=param.device),
+            "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32).to(param.device)}
 
 
 def sync(device: torch.device) -> None:
@@ -113,12 +165,13 @@ def prefill(model, inputs):
 
 
 def decode(model, inputs, out, new_tokens: int):
-    """Greedy decoding of ``new_tokens`` tokens against the cache of ``out``."""
+    """Greedy decoding of ``new_tokens`` tokens against the cache of ``out``; the top 4 ids of
+    the vocabulary (the presets' image and vision placeholder tokens) are never chosen."""
     cache = out.cache
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    nxt = out.logits[:, -1, :-4].argmax(-1, keepdim=True)
     for _ in range(new_tokens):
         out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = out.logits[:, -1, :-4].argmax(-1, keepdim=True)
     return nxt
 
 
@@ -164,8 +217,7 @@ def measure(name: str, model, inputs, args, device) -> Dict[str, Any]:
         row["kv_logical_mib"] = report.kv_cache_bytes.sum().item() / 2**20
         row["flops_reduction"] = report.flops_reduction.mean().item()
     else:
-        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        row["n_bar"] = float(side * side)
+        row["n_bar"] = float(args.image_tokens)
         row["kv_logical_mib"] = kv / 2**20
         row["flops_reduction"] = 0.0
     return row
@@ -204,6 +256,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    args.image_tokens = image_tokens(preset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
     num_layers = args.num_layers or preset["layers"]
@@ -228,13 +281,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
           f"ATP layers {atp_layers}, FastV before layer {fastv_layer}, target N_bar {args.target}")
     rows: List[Dict[str, Any]] = []
     for batch in args.batch:
-        inputs = prompts(stock, batch, preset["text"])
+        inputs = prompts(stock, batch, preset)
         atp = apply_atp(copy.deepcopy(stock), ATPConfig(layers=atp_layers, theta_override=(0.5, 0.5),
                                                         flash_decode=args.flash_decode)).eval()
         theta = calibrate(atp, inputs, args.target, iters=12)
         found = measure("atp", atp, inputs, args, device)
-        n_grid = atp.atp.n_grid
-        keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, n_grid)
+        keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, args.image_tokens)
         fastv = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(fastv_layer,), mode="fastv", fixed_keep=(keep,),
                                                           flash_decode=args.flash_decode)).eval()
         group = [measure("unpruned", stock, inputs, args, device), found, measure("fastv", fastv, inputs, args, device)]

@@ -1,6 +1,7 @@
 """ATP on every supported model family through its adapter (atp_llava.models): LLaVA-NeXT
-(anyres: base tile + unpadded canvas with row newlines), Qwen2-VL and Qwen2.5-VL (dynamic
-grids, video, M-RoPE). LLaVA-1.5 has its own test files (test_llava_*.py).
+(anyres: base tile + unpadded canvas with row newlines), LLaVA-OneVision (the same with a
+shrunk canvas, one tile per image of a multi-image sample, pooled video frames), Qwen2-VL and
+Qwen2.5-VL (dynamic grids, video, M-RoPE). LLaVA-1.5 has its own test files (test_llava_*.py).
 
 Tiny random models of each family (atp_llava.tiny) in float64, so that two paths that compute
 the same thing in a different order cannot take different pruning decisions by rounding. Every
@@ -18,19 +19,20 @@ pytest.importorskip("transformers")
 from atp_llava import ATPConfig, VisionLayout, apply_atp, get_atp_controller  # noqa: E402
 from atp_llava.efficiency import layer_flops  # noqa: E402
 from atp_llava.layout import valid_mask  # noqa: E402
-from atp_llava.tiny import (QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, TINY_FAMILIES, TINY_IMAGE_TOKEN,  # noqa: E402
+from atp_llava.tiny import (ONEVISION_VIDEO, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, TINY_FAMILIES, TINY_IMAGE_TOKEN,  # noqa: E402
                             family_batch)
 
 KEEP_ALL = (-5.0, -5.0)
 THETA = (0.5, 0.5)
 NEW = 6
 # a random model may sample any id: keep the vision encoder's placeholders out of its answers
-SUPPRESS = [TINY_IMAGE_TOKEN, QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END]
+SUPPRESS = [TINY_IMAGE_TOKEN, ONEVISION_VIDEO, QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END]
 
-# Per family, the images of a 3-sample batch: LLaVA-NeXT (H, W) pixels, Qwen (T, H, W) patches
-# (T = 2: a video). Every sample differs in image count, size or aspect.
+# Per family, the images of a 3-sample batch: LLaVA-NeXT/OneVision (H, W) pixels or ("video", F),
+# Qwen (T, H, W) patches (T = 2: a video). Every sample differs in image count, size or aspect.
 IMAGES = {
     "llava_next": [[(16, 30)], [(30, 20), (16, 16)], [(32, 32)]],
+    "llava_onevision": [[(16, 30)], [(30, 20), (16, 16)], [(32, 32), ("video", 2)]],
     "qwen2_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
     "qwen2_5_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
 }
@@ -90,10 +92,17 @@ def sample_alone(batch, images, i):
            if k in batch}
     before = [img for sample in images[:i] for img in sample]
     mine = images[i]
-    if "image_sizes" in batch:  # LLaVA-NeXT: one row of pixel_values per image
-        k = len(before)
-        out["pixel_values"] = batch["pixel_values"][k:k + len(mine)]
-        out["image_sizes"] = batch["image_sizes"][k:k + len(mine)]
+    if "image_sizes" in batch:  # LLaVA-NeXT/OneVision: one row of pixel_values per image or video
+        for key, px, kind in (("image_sizes", "pixel_values", lambda im: im[0] != "video"),
+                              (None, "pixel_values_videos", lambda im: im[0] == "video")):
+            k = sum(1 for im in before if kind(im))
+            own = sum(1 for im in mine if kind(im))
+            if own:
+                out[px] = batch[px][k:k + own]
+                if key:
+                    out[key] = batch[key][k:k + own]
+        if "batch_num_images" in batch:
+            out["batch_num_images"] = batch["batch_num_images"][i:i + 1]
     elif "mm_token_type_ids" in batch:  # Qwen2-VL: T*H*W pixel rows per image, images and videos apart
         for kind, key, px in ((lambda g: g[0] == 1, "image_grid_thw", "pixel_values"),
                               (lambda g: g[0] > 1, "video_grid_thw", "pixel_values_videos")):
@@ -127,12 +136,17 @@ def test_layout_follows_the_models_own_packing(stock, family):
             on = grid[:, 0] == g
             cells = grid[on, 1] * w + grid[on, 2]
             assert torch.equal(cells, torch.arange(h * w))  # row-major
-        if family == "llava_next":
-            base, canvas = shapes
-            assert base == (8, 8)
+        if family.startswith("llava"):
             span = ids[int(lay.image_sample[i]), int(pos[0]):int(pos[-1]) + 2]
-            # one newline per canvas row, also image_token_id, not among the image's tokens
-            assert int((span == stock.config.image_token_id).sum()) == pos.numel() + canvas[0]
+            if images[i][0] == "video":  # F pooled frames, one newline at the end
+                assert shapes == ((4, 4),) * images[i][1]
+                assert int((span == stock.config.video_token_id).sum()) == pos.numel() + 1
+            else:
+                # the base tile, then one newline per canvas row (one after the base tile without
+                # a canvas), also image_token_id, not among the image's tokens
+                assert shapes[0] == (8, 8)
+                newlines = shapes[1][0] if len(shapes) > 1 else 1
+                assert int((span == stock.config.image_token_id).sum()) == pos.numel() + newlines
         else:
             t, h, w = images[i]
             assert shapes == ((h // 2, w // 2),) * t

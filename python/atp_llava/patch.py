@@ -1,5 +1,5 @@
-"""apply_atp: turn a stock transformers vision-language model (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
-Qwen2.5-VL: ``atp_llava.models``) into its ATP version in place.
+"""apply_atp: turn a stock transformers vision-language model (LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL: ``atp_llava.models``) into its ATP version in place.
 
 No modeling file is copied. The model stays stock except for:
   * its text config's attention implementation, set to ``"atp"``: a function registered in
@@ -829,8 +829,8 @@ def get_atp_controller(model: nn.Module) -> ATPController:
 
 def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     """Turn a stock vision-language model of a supported family (``atp_llava.models``:
-    ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, Qwen2-VL,
-    Qwen2.5-VL) into its ATP version, in place; returns it. Any other class is refused with the
+    ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, LLaVA-OneVision,
+    Qwen2-VL, Qwen2.5-VL) into its ATP version, in place; returns it. Any other class is refused with the
     list of the supported ones.
 
     After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_llava_next", "tiny_qwen2_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
+__all__ = ["tiny_llava", "tiny_llava_next", "tiny_llava_onevision", "tiny_qwen2_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
            "TINY_FAMILIES"]
 
 TINY_VOCAB = 128
@@ -66,6 +66,29 @@ def tiny_llava_next(num_layers: int = 4, seed: int = 0, attn_implementation: str
     return model
 
 
+ONEVISION_VIDEO = TINY_VOCAB - 2
+
+
+def tiny_llava_onevision(num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """Random ``LlavaOnevisionForConditionalGeneration``: SigLIP tower (no CLS) of 16 px tiles,
+    patch 2 (8 x 8 tokens per tile), NEXT_PINPOINTS, ``anyres_max_1`` (a canvas of more than one
+    tile's worth of tokens is shrunk), video frames pooled to 4 x 4; the qwen2 decoder of
+    ``tiny_llava``."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(image_size=NEXT_TILE, patch_size=2, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_text_config("qwen2", num_layers),
+                                  image_token_id=TINY_IMAGE_TOKEN, video_token_id=ONEVISION_VIDEO,
+                                  image_grid_pinpoints=NEXT_PINPOINTS, vision_aspect_ratio="anyres_max_1",
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
 # Qwen2-VL: special tokens at the top of the tiny vocabulary.
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 
@@ -94,14 +117,16 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", attn_i
     return model
 
 
-TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+                 "qwen2_vl": tiny_qwen2_vl,
                  "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw)}
 
 
 def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, padding: str = "left"):
     """A batch for ``model`` (a tiny model of any family): sample b holds the images
-    ``images[b]`` (a list; each LLaVA-1.5 image is None, a LLaVA-NeXT image its (H, W) pixel
-    size, a Qwen2-VL image its (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt
+    ``images[b]`` (a list; each LLaVA-1.5 image is None, a LLaVA-NeXT/OneVision image its (H, W)
+    pixel size or, OneVision only, ("video", F) a video of F frames, a Qwen2-VL image its
+    (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt
     tokens, then ``answer`` answer tokens (labels) at the end. Padded on ``padding``. Returns the
     model's keyword arguments."""
     g = torch.Generator().manual_seed(seed)
@@ -126,13 +151,24 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
                 px = torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
                 (video_thw if t > 1 else image_thw).append((t, h, w))
                 (video_pixels if t > 1 else pixels).append(px)
-            elif kind.startswith("LlavaNext"):
-                packed, lens = model.model.pack_image_features(
-                    [torch.zeros(_next_patches(image), (NEXT_TILE // 2) ** 2, 1)], torch.tensor([image]), "default",
-                    image_newline=torch.zeros(1))
+            elif kind.startswith("LlavaOnevision") and image[0] == "video":
+                frames = image[1]
+                ids += [ONEVISION_VIDEO] * (frames * (NEXT_TILE // 4) ** 2 + 1)
+                video_pixels.append(torch.randn(frames, 3, NEXT_TILE, NEXT_TILE, generator=g))
+            elif kind.startswith("Llava"):  # LLaVA-NeXT, LLaVA-OneVision: anyres
+                onevision = kind.startswith("LlavaOnevision")
+                alone = not onevision or sum(1 for im in sample if im[0] != "video") == 1
+                n = _next_patches(image) if alone else 1
+                tiles = [torch.zeros(n, (NEXT_TILE // 2) ** 2, 1)]
+                if onevision:
+                    _, lens = model.model.pack_image_features(tiles, torch.tensor([image]), image_newline=torch.zeros(1),
+                                                              vision_aspect_ratio=cfg.vision_aspect_ratio)
+                else:
+                    _, lens = model.model.pack_image_features(tiles, torch.tensor([image]), "default",
+                                                              image_newline=torch.zeros(1))
                 ids += [TINY_IMAGE_TOKEN] * int(lens[0])
                 sizes.append(image)
-                pixels.append(torch.randn(_next_patches(image), 3, NEXT_TILE, NEXT_TILE, generator=g))
+                pixels.append(torch.randn(n, 3, NEXT_TILE, NEXT_TILE, generator=g))
             else:
                 side = cfg.vision_config.image_size
                 ids += [TINY_IMAGE_TOKEN] * (side // cfg.vision_config.patch_size) ** 2
@@ -160,11 +196,15 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
             out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(image_thw))
         if video_pixels:
             out.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_thw))
-    elif kind.startswith("LlavaNext"):
+    elif kind.startswith(("LlavaNext", "LlavaOnevision")):
         if pixels:
             most = max(p.shape[0] for p in pixels)
             out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
             out["image_sizes"] = torch.tensor(sizes)
+        if kind.startswith("LlavaOnevision"):
+            out["batch_num_images"] = torch.tensor([sum(1 for im in s if im[0] != "video") for s in images])
+        if video_pixels:
+            out["pixel_values_videos"] = torch.stack(video_pixels)
     elif pixels:
         out["pixel_values"] = torch.stack(pixels)
     return out

@@ -128,8 +128,6 @@ REFUSED: Dict[str, str] = {
                                           "decoder layers, which the ATP step does not gather yet",
     "InternVLForConditionalGeneration": "the arrangement of its 448-px tiles is not among the model's inputs, so "
                                         "the grid of an image's tokens cannot be known",
-    "LlavaOnevisionForConditionalGeneration": "its anyres_max canvas shrinking and pooled video frames have no "
-                                              "adapter yet",
 }
 
 
@@ -146,4 +144,4 @@ def adapter_for(model: nn.Module, config: ATPConfig) -> ModelAdapter:
                     f"{', '.join(SUPPORTED_MODELS)}")
 
 
-from . import llava, llava_next, qwen2_vl  # noqa: E402,F401  (register the families)
+from . import llava, llava_next, llava_onevision, qwen2_vl  # noqa: E402,F401  (register the families)

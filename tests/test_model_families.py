@@ -1,7 +1,7 @@
 """ATP on every supported model family through its adapter (atp_llava.models): LLaVA-NeXT
 (anyres: base tile + unpadded canvas with row newlines), LLaVA-OneVision (the same with a
 shrunk canvas, one tile per image of a multi-image sample, pooled video frames), Qwen2-VL and
-Qwen2.5-VL (dynamic grids, video, M-RoPE). LLaVA-1.5 has its own test files (test_llava_*.py).
+Qwen2.5-VL (dynamic grids, video, M-RoPE), Qwen3-VL (the same with deepstack). LLaVA-1.5 has its own test files (test_llava_*.py).
 
 Tiny random models of each family (atp_llava.tiny) in float64, so that two paths that compute
 the same thing in a different order cannot take different pruning decisions by rounding. Every
@@ -35,6 +35,8 @@ IMAGES = {
     "llava_onevision": [[(16, 30)], [(30, 20), (16, 16)], [(32, 32), ("video", 2)]],
     "qwen2_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
     "qwen2_5_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
+    # Qwen3-VL's videos come frame by frame between timestamps: images only here
+    "qwen3_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(1, 8, 8)]],
 }
 FAMILIES = sorted(IMAGES)
 
@@ -312,3 +314,10 @@ def test_a_known_family_without_an_adapter_is_refused_with_its_reason():
                        mm_tokens_per_image=4)
     with pytest.raises(TypeError, match="Gemma3ForConditionalGeneration is not supported: .*sliding-window"):
         apply_atp(Gemma3ForConditionalGeneration(cfg), ATPConfig(layers=(1,)))
+
+
+def test_qwen3_vl_atp_layers_start_after_the_deepstack_layers():
+    model = TINY_FAMILIES["qwen3_vl"](num_layers=4, deepstack=(0, 1))
+    with pytest.raises(ValueError, match="first allowed ATP layer is 2"):
+        apply_atp(model, ATPConfig(layers=(1, 3)))
+    apply_atp(model, ATPConfig(layers=(2, 3), target_ratio=0.5))

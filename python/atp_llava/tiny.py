@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_llava_next", "tiny_llava_onevision", "tiny_qwen2_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
+__all__ = ["tiny_llava", "tiny_llava_next", "tiny_llava_onevision", "tiny_qwen2_vl", "tiny_qwen3_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
            "TINY_FAMILIES"]
 
 TINY_VOCAB = 128
@@ -117,9 +117,31 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", attn_i
     return model
 
 
+def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack=(0,), attn_implementation: str = "sdpa"):
+    """Random ``Qwen3VLForConditionalGeneration``: the vision sizes of ``tiny_qwen2_vl`` with two
+    blocks, deepstack features from the blocks ``deepstack`` (added after that many decoder
+    layers), interleaved M-RoPE (2, 3, 3) at head_dim 16."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(deepstack))
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                           vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
 TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
                  "qwen2_vl": tiny_qwen2_vl,
-                 "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw)}
+                 "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw), "qwen3_vl": tiny_qwen3_vl}
 
 
 def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, padding: str = "left"):
@@ -142,7 +164,7 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
         ids = [1]
         for image in sample:
             ids += words(text)
-            if kind.startswith("Qwen2"):
+            if kind.startswith("Qwen"):
                 t, h, w = image
                 m = cfg.vision_config.spatial_merge_size
                 token = QWEN_VIDEO if t > 1 else QWEN_IMAGE
@@ -187,7 +209,7 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
         mask[b, start:start + len(s)] = 1
         labels[b, start + len(s) - a:start + len(s)] = input_ids[b, start + len(s) - a:start + len(s)]
     out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    if kind.startswith("Qwen2"):
+    if kind.startswith("Qwen"):
         types = torch.zeros_like(input_ids, dtype=torch.int32)
         types[input_ids == QWEN_IMAGE] = 1
         types[input_ids == QWEN_VIDEO] = 2

@@ -122,10 +122,7 @@ REFUSED: Dict[str, str] = {
     "Gemma3ForConditionalGeneration": "5 of 6 of its decoder layers use sliding-window attention and its image "
                                       "tokens attend bidirectionally within their block; atp_attention has neither "
                                       "a window nor a bidirectional block yet",
-    "Qwen3VLForConditionalGeneration": "its deepstack adds vision features at visual_pos_masks inside the first "
-                                       "decoder layers, which the ATP step does not gather yet",
-    "Qwen3VLMoeForConditionalGeneration": "its deepstack adds vision features at visual_pos_masks inside the first "
-                                          "decoder layers, which the ATP step does not gather yet",
+    "Qwen3VLMoeForConditionalGeneration": "no adapter yet (the Qwen3-VL adapter is tested on the dense model only)",
     "InternVLForConditionalGeneration": "the arrangement of its 448-px tiles is not among the model's inputs, so "
                                         "the grid of an image's tokens cannot be known",
 }

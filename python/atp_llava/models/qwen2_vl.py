@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (dynamic resolution, M-RoPE): image i has an LLM grid of
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, M-RoPE): image i has an LLM grid of
 ``image_grid_thw[i] / (1, m, m)`` (m = ``spatial_merge_size``), its tokens row-major frame by
 frame; a video is one image with a grid per temporal patch (a time coordinate), its tokens
 ``video_token_id``. Token counts and grids differ per image.
@@ -8,7 +8,12 @@ layer receives the one (cos, sin) of shape (B, L, head_dim) they give; a pruned 
 those with the tokens, so every kept token keeps the position the stock model gives it, and the
 generated tokens' positions (``rope_deltas``, from the unpruned first layers' cache length) are
 the stock ones. ``rope_2d`` is refused (the positions already are 3D). The
-``vision_start``/``vision_end`` tokens around each image are structural."""
+``vision_start``/``vision_end`` tokens around each image are structural.
+
+Qwen3-VL's deepstack adds vision features at the image tokens after each of its first
+``len(deepstack_visual_indexes)`` decoder layers; an ATP layer before those would prune tokens
+the additions still address, so ATP layers start at the first layer after them (refused
+otherwise, naming it)."""
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -77,3 +82,29 @@ class Qwen2VLAdapter(ModelAdapter):
                              dtype=param.dtype, device=param.device)
         out = inner.get_image_features(pixels, torch.tensor([[1, m, m]], device=param.device))
         return sum(f.float().sum() for f in out.pooler_output) * 0.0
+
+
+@register_adapter
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    classes = ("Qwen3VLForConditionalGeneration",)
+    family = "Qwen3-VL"
+
+    def check(self, config: ATPConfig) -> None:
+        super().check(config)
+        first = len(self.model.config.vision_config.deepstack_visual_indexes)
+        layers = config.for_depth(self.text_config.num_hidden_layers).layers
+        if layers[0] < first:
+            raise ValueError(f"apply_atp: Qwen3-VL's deepstack adds vision features after its first {first} decoder "
+                             f"layers, at the positions of every image token; ATP layers {layers} would prune before "
+                             f"that. The first allowed ATP layer is {first}")
+
+    def null_vision(self) -> torch.Tensor:
+        inner = self.inner
+        vc = inner.config.vision_config
+        param = next(inner.visual.parameters())
+        m = vc.spatial_merge_size
+        pixels = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                             dtype=param.dtype, device=param.device)
+        out = inner.get_image_features(pixels, torch.tensor([[1, m, m]], device=param.device))
+        deep = sum(f.float().sum() for level in out.deepstack_features for f in level)
+        return (sum(f.float().sum() for f in out.pooler_output) + deep) * 0.0

@@ -1,8 +1,8 @@
-"""End-to-end benchmark of ATP-LLaVA inference: unpruned vs ATP vs FastV at matched tokens.
+"""End-to-end benchmark of ATP inference: unpruned vs ATP vs FastV at matched tokens.
 
 For one model shape and batch size, in one process on the same prompts, it measures for
 
-  unpruned   the stock LLaVA (SDPA attention), every vision token in every layer
+  unpruned   the stock model (SDPA attention), every vision token in every layer
   atp        ATP-LLaVA with real pruning at the ATP layers; its thresholds (theta_r = theta_s =
              t, theta_override) are set by bisection so that the average vision tokens per layer
              (N_bar, the paper's "Token" column) reach --target (random weights have no
@@ -30,6 +30,10 @@ Presets:
             Qwen2.5-VL: the tiny decoder above with M-RoPE, and Qwen2.5-VL-7B's shapes (28 layers,
             d 3584, m 18944, 28 heads, 4 KV heads, vocab 152064); one 672 px image (grid
             1 x 48 x 48 patches, 576 tokens after the 2 x 2 merge); a one-layer vision tower
+  onevision7b
+            LLaVA-OneVision-7B's shapes (its Qwen2-7B decoder as above, SigLIP 384 px tiles of
+            27 x 27 tokens, the default anyres pinpoints): one 384 x 768 image, a base tile and a
+            27 x 54 canvas with a newline per row (2187 vision tokens, 27 newlines)
   --num-layers overrides the decoder depth (a CPU smoke run of the 7B shapes).
   --flash-decode decodes on flash-attn in every variant (needs flash-attn 2.6+ and a GPU): the
   unpruned model with transformers' "flash_attention_2", ATP and FastV with
@@ -61,57 +65,66 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kernel_bench import HOST_ALLOCATOR, device_name, peak_extra_mib  # noqa: E402
 
 import atp_ops  # noqa: E402
-from atp_llava import ATPConfig, apply_atp  # noqa: E402
+from atp_llava import ATPConfig, VisionLayout, apply_atp  # noqa: E402
+from atp_llava.layout import valid_mask  # noqa: E402
+from atp_llava.models import adapter_for  # noqa: E402
+from atp_llava.tiny import family_batch  # noqa: E402
 
+# image: the batch's one image per prompt, as atp_llava.tiny.family_batch takes it
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(family="llava", hidden=256, ffn=688, layers=8, heads=8, kv_heads=8, vocab=128,
-                 atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), image=48, patch=2, dtype="float32"),
+                 atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), tile=48, patch=2, image=None, dtype="float32"),
     "llava7b": dict(family="llava", hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32064,
-                    atp_layers=(4, 14, 24), fastv_layer=2, text=(35, 64), image=336, patch=14, dtype="bfloat16"),
-    # grid (T, H, W) in vision patches: 1 x 48 x 48 at patch 14 is a 672 px image, 24 x 24 = 576
-    # LLM tokens after the 2 x 2 merge
+                    atp_layers=(4, 14, 24), fastv_layer=2, text=(35, 64), tile=336, patch=14, image=None,
+                    dtype="bfloat16"),
+    # 1 x 48 x 48 patches: a 672 px image at patch 14, 24 x 24 = 576 tokens after the 2 x 2 merge
     "qwen_tiny": dict(family="qwen2_5_vl", hidden=256, ffn=688, layers=8, heads=8, kv_heads=2, vocab=160,
-                      atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), grid=(1, 48, 48), patch=2,
+                      atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), patch=2, image=(1, 48, 48),
                       mrope=(4, 6, 6), dtype="float32"),
     "qwen2_5_vl7b": dict(family="qwen2_5_vl", hidden=3584, ffn=18944, layers=28, heads=28, kv_heads=4, vocab=152064,
-                         atp_layers=(4, 12, 21), fastv_layer=2, text=(35, 64), grid=(1, 48, 48), patch=14,
+                         atp_layers=(4, 12, 21), fastv_layer=2, text=(35, 64), patch=14, image=(1, 48, 48),
                          mrope=(16, 24, 24), dtype="bfloat16"),
+    # a 384 x 768 image: base tile 27 x 27, canvas 27 x 54 with 27 newlines (2214 tokens)
+    "onevision7b": dict(family="llava_onevision", hidden=3584, ffn=18944, layers=28, heads=28, kv_heads=4,
+                        vocab=152064, atp_layers=(4, 12, 21), fastv_layer=2, text=(35, 64), tile=384, patch=14,
+                        image=(384, 768), dtype="bfloat16"),
 }
 
 
-def _llava_config(preset: Dict[str, Any], num_layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(image_size=preset["image"], patch_size=preset["patch"], hidden_size=64,
-                              intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, projection_dim=64)
-    text = LlamaConfig(hidden_size=preset["hidden"], intermediate_size=preset["ffn"], num_hidden_layers=num_layers,
-                       num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
-                       vocab_size=preset["vocab"], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, tie_word_embeddings=False)
-    return LlavaForConditionalGeneration, LlavaConfig(vision_config=vision, text_config=text,
-                                                      image_token_id=preset["vocab"] - 1, vision_feature_layer=-1,
-                                                      vision_feature_select_strategy="default")
+def _text(preset: Dict[str, Any], num_layers: int, **extra) -> Dict[str, Any]:
+    return dict(hidden_size=preset["hidden"], intermediate_size=preset["ffn"], num_hidden_layers=num_layers,
+                num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"],
+                vocab_size=preset["vocab"], max_position_embeddings=8192, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, tie_word_embeddings=False, **extra)
 
 
-def _qwen_config(preset: Dict[str, Any], num_layers: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _config(preset: Dict[str, Any], num_layers: int):
+    """(model class, config) of the preset: its family, its decoder, a one-layer vision tower."""
+    import transformers as tf
 
-    v = preset["vocab"]
+    family, v = preset["family"], preset["vocab"]
+    tower = dict(image_size=preset.get("tile"), patch_size=preset["patch"], hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=1, num_attention_heads=2)
+    if family == "llava":
+        return tf.LlavaForConditionalGeneration, tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(projection_dim=64, **tower), text_config=tf.LlamaConfig(**_text(preset, num_layers)),
+            image_token_id=v - 1, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    if family == "llava_onevision":
+        return tf.LlavaOnevisionForConditionalGeneration, tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**tower), text_config=tf.Qwen2Config(**_text(preset, num_layers)),
+            image_token_id=v - 1, video_token_id=v - 2, vision_feature_layer=-1, tie_word_embeddings=False)
     vision = dict(depth=1, embed_dim=64, hidden_size=64, out_hidden_size=preset["hidden"], intermediate_size=128,
                   num_heads=2, patch_size=preset["patch"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    text = dict(hidden_size=preset["hidden"], intermediate_size=preset["ffn"], num_hidden_layers=num_layers,
-                num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], vocab_size=v,
-                max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                rope_parameters={"rope_type": "default", "mrope_section": list(preset["mrope"]), "rope_theta": 1e6})
-    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, image_token_id=v - 1, video_token_id=v - 2,
-        vision_start_token_id=v - 3, vision_end_token_id=v - 4, tie_word_embeddings=False)
+    rope = {"rope_type": "default", "mrope_section": list(preset["mrope"]), "rope_theta": 1e6}
+    return tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig(
+        vision_config=vision, text_config=_text(preset, num_layers, rope_parameters=rope), image_token_id=v - 1,
+        video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4, tie_word_embeddings=False)
 
 
 def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, dtype: torch.dtype):
     """A random model of the preset's family and shape (SDPA attention): a one-layer vision tower
     (it costs the same in every variant and is not what is measured) and the full decoder."""
-    cls, config = (_llava_config if preset["family"] == "llava" else _qwen_config)(preset, num_layers)
+    cls, config = _config(preset, num_layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -124,35 +137,24 @@ def build_model(preset: Dict[str, Any], num_layers: int, device: torch.device, d
     return model.eval()
 
 
-def image_tokens(preset: Dict[str, Any]) -> int:
-    """LLM tokens of one benchmark image."""
-    if preset["family"] == "llava":
-        return (preset["image"] // preset["patch"]) ** 2
-    t, h, w = preset["grid"]
-    return t * (h // 2) * (w // 2)
-
-
 def prompts(model, batch: int, preset: Dict[str, Any], seed: int = 0) -> Dict[str, torch.Tensor]:
-    """``batch`` prompts: text[0] system tokens, one image, text[1] instruction tokens (Qwen:
-    the image between its vision_start and vision_end tokens, with its grid and M-RoPE types)."""
-    cfg = model.config
-    n, (pre, post) = image_tokens(preset), preset["text"]
-    qwen = preset["family"] != "llava"
-    g = torch.Generator().manual_seed(seed)
-    start = pre + qwen
-    ids = torch.randint(3, cfg.text_config.vocab_size - 4, (batch, start + n + post + qwen), generator=g)
-    ids[:, start:start + n] = cfg.image_token_id
+    """``batch`` prompts: text[0] system tokens, the preset's image as the model's processor lays
+    it out, text[1] instruction tokens; no padding."""
+    inputs = family_batch(model, [[preset["image"]]] * batch, seed=seed, text=preset["text"], answer=0)
+    inputs.pop("labels")
+    inputs.pop("attention_mask")
     param = next(model.parameters())
-    if not qwen:
-        pixels = torch.randn(batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
-        return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype)}
-    vc = cfg.vision_config
-    ids[:, start - 1], ids[:, start + n] = cfg.vision_start_token_id, cfg.vision_end_token_id
-    t, h, w = preset["grid"]
-    pixels = torch.randn(batch * t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
-    return {"input_ids": ids.to(param.device), "pixel_values": pixels.to(param.device, param.dtype),
-            "image_grid_thw": torch.tensor([[t, h, w]] * batch, device=param.device),
-            "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32).to(param.device)}
+    return {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
+            for k, v in inputs.items()}
+
+
+def image_tokens(model, inputs) -> float:
+    """Vision tokens per image of ``inputs`` (structural ones, e.g. newlines, excluded): the
+    N_bar of the unpruned model."""
+    adapter = adapter_for(model, ATPConfig())
+    layout = VisionLayout.from_tokens(adapter.image_tokens(inputs, valid_mask(inputs["input_ids"], None)),
+                                      inputs["input_ids"])
+    return float(layout.tokens_per_image.mean())
 
 
 def sync(device: torch.device) -> None:
@@ -256,7 +258,6 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
-    args.image_tokens = image_tokens(preset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, preset["dtype"]) if device.type == "cuda" else torch.float32
     num_layers = args.num_layers or preset["layers"]
@@ -282,11 +283,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     for batch in args.batch:
         inputs = prompts(stock, batch, preset)
+        args.image_tokens = image_tokens(stock, inputs)
         atp = apply_atp(copy.deepcopy(stock), ATPConfig(layers=atp_layers, theta_override=(0.5, 0.5),
                                                         flash_decode=args.flash_decode)).eval()
         theta = calibrate(atp, inputs, args.target, iters=12)
         found = measure("atp", atp, inputs, args, device)
-        keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, args.image_tokens)
+        keep = ATPConfig.matched_fastv_keep(found["n_bar"], fastv_layer, num_layers, round(args.image_tokens))
         fastv = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(fastv_layer,), mode="fastv", fixed_keep=(keep,),
                                                           flash_decode=args.flash_decode)).eval()
         group = [measure("unpruned", stock, inputs, args, device), found, measure("fastv", fastv, inputs, args, device)]

@@ -144,58 +144,61 @@ TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onev
                  "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw), "qwen3_vl": tiny_qwen3_vl}
 
 
-def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, padding: str = "left"):
-    """A batch for ``model`` (a tiny model of any family): sample b holds the images
-    ``images[b]`` (a list; each LLaVA-1.5 image is None, a LLaVA-NeXT/OneVision image its (H, W)
-    pixel size or, OneVision only, ("video", F) a video of F frames, a Qwen2-VL image its
-    (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt
-    tokens, then ``answer`` answer tokens (labels) at the end. Padded on ``padding``. Returns the
-    model's keyword arguments."""
+def family_batch(model, images, seed: int = 0, text=6, answer: int = 3, padding: str = "left"):
+    """A batch of random tokens and pixels for ``model``, a model of any supported family (the
+    tiny ones here, or full-size shapes with random weights: bench/e2e_bench.py). Sample b holds
+    the images ``images[b]`` (a list; a LLaVA-1.5 image is None, a LLaVA-NeXT/OneVision image its
+    (H, W) pixel size or, OneVision only, ("video", F) a video of F frames, a Qwen-VL image its
+    (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt tokens (an int, or (before
+    each image, after the last)), then ``answer`` answer tokens (labels). Padded on ``padding``.
+    Image placeholders as the model's processor lays them out. Returns the model's keyword
+    arguments."""
     g = torch.Generator().manual_seed(seed)
     kind = type(model).__name__
-    cfg = model.config
+    cfg, vc = model.config, model.config.vision_config
+    before, after = (text, text) if isinstance(text, int) else text
 
     def words(n):
         return torch.randint(3, 100, (n,), generator=g).tolist()
 
-    seqs, answers, pixels, extra = [], [], [], {}
+    seqs, answers, pixels = [], [], []
     sizes, image_thw, video_thw, video_pixels = [], [], [], []
     for sample in images:
         ids = [1]
         for image in sample:
-            ids += words(text)
+            ids += words(before)
             if kind.startswith("Qwen"):
                 t, h, w = image
-                m = cfg.vision_config.spatial_merge_size
-                token = QWEN_VIDEO if t > 1 else QWEN_IMAGE
-                ids += [QWEN_START] + [token] * (t * h * w // (m * m)) + [QWEN_END]
-                vc = cfg.vision_config
+                m = vc.spatial_merge_size
+                token = cfg.video_token_id if t > 1 else cfg.image_token_id
+                ids += [cfg.vision_start_token_id] + [token] * (t * h * w // (m * m)) + [cfg.vision_end_token_id]
                 px = torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
                 (video_thw if t > 1 else image_thw).append((t, h, w))
                 (video_pixels if t > 1 else pixels).append(px)
             elif kind.startswith("LlavaOnevision") and image[0] == "video":
-                frames = image[1]
-                ids += [ONEVISION_VIDEO] * (frames * (NEXT_TILE // 4) ** 2 + 1)
-                video_pixels.append(torch.randn(frames, 3, NEXT_TILE, NEXT_TILE, generator=g))
-            elif kind.startswith("Llava"):  # LLaVA-NeXT, LLaVA-OneVision: anyres
+                frames, side = image[1], -(-(vc.image_size // vc.patch_size) // 2)  # pooled: ceil(H / 2)
+                ids += [cfg.video_token_id] * (frames * side * side + 1)
+                video_pixels.append(torch.randn(frames, 3, vc.image_size, vc.image_size, generator=g))
+            elif kind.startswith("Llava") and hasattr(cfg, "image_grid_pinpoints"):  # NeXT, OneVision: anyres
+                from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
                 onevision = kind.startswith("LlavaOnevision")
                 alone = not onevision or sum(1 for im in sample if im[0] != "video") == 1
-                n = _next_patches(image) if alone else 1
-                tiles = [torch.zeros(n, (NEXT_TILE // 2) ** 2, 1)]
+                n = image_size_to_num_patches(list(image), cfg.image_grid_pinpoints, vc.image_size) if alone else 1
+                tiles = [torch.zeros(n, (vc.image_size // vc.patch_size) ** 2, 1)]
                 if onevision:
                     _, lens = model.model.pack_image_features(tiles, torch.tensor([image]), image_newline=torch.zeros(1),
                                                               vision_aspect_ratio=cfg.vision_aspect_ratio)
                 else:
                     _, lens = model.model.pack_image_features(tiles, torch.tensor([image]), "default",
                                                               image_newline=torch.zeros(1))
-                ids += [TINY_IMAGE_TOKEN] * int(lens[0])
+                ids += [cfg.image_token_id] * int(lens[0])
                 sizes.append(image)
-                pixels.append(torch.randn(n, 3, NEXT_TILE, NEXT_TILE, generator=g))
+                pixels.append(torch.randn(n, 3, vc.image_size, vc.image_size, generator=g))
             else:
-                side = cfg.vision_config.image_size
-                ids += [TINY_IMAGE_TOKEN] * (side // cfg.vision_config.patch_size) ** 2
-                pixels.append(torch.randn(3, side, side, generator=g))
-        ids += words(text)
+                ids += [cfg.image_token_id] * (vc.image_size // vc.patch_size) ** 2
+                pixels.append(torch.randn(3, vc.image_size, vc.image_size, generator=g))
+        ids += words(after)
         ans = words(answer)
         seqs.append(ids + ans)
         answers.append(len(ans))
@@ -211,14 +214,14 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
     out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     if kind.startswith("Qwen"):
         types = torch.zeros_like(input_ids, dtype=torch.int32)
-        types[input_ids == QWEN_IMAGE] = 1
-        types[input_ids == QWEN_VIDEO] = 2
+        types[input_ids == cfg.image_token_id] = 1
+        types[input_ids == cfg.video_token_id] = 2
         out["mm_token_type_ids"] = types
         if pixels:
             out.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(image_thw))
         if video_pixels:
             out.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_thw))
-    elif kind.startswith(("LlavaNext", "LlavaOnevision")):
+    elif sizes or video_pixels:  # anyres
         if pixels:
             most = max(p.shape[0] for p in pixels)
             out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
@@ -230,9 +233,3 @@ def family_batch(model, images, seed: int = 0, text: int = 6, answer: int = 3, p
     elif pixels:
         out["pixel_values"] = torch.stack(pixels)
     return out
-
-
-def _next_patches(size) -> int:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    return image_size_to_num_patches(list(size), NEXT_PINPOINTS, NEXT_TILE)

@@ -93,6 +93,20 @@ def tiny_llava_onevision(num_layers: int = 4, seed: int = 0, attn_implementation
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 
 
+QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+                   vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+
+
+def _qwen_text(num_layers: int, interleaved: bool = False, **extra):
+    """The tiny decoder with M-RoPE sections (2, 3, 3) (head_dim 16)."""
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    if interleaved:
+        rope["mrope_interleaved"] = True
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=2048, rope_parameters=rope,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+
+
 def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", attn_implementation: str = "sdpa"):
     """Random ``Qwen2VLForConditionalGeneration`` (``version`` "2") or
     ``Qwen2_5_VLForConditionalGeneration`` ("2.5"): vision patch 2, spatial merge 2, temporal
@@ -105,12 +119,7 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", attn_i
         raise ValueError(f"tiny_qwen2_vl: version must be '2' or '2.5', got {version!r}")
     vision = dict(depth=1, embed_dim=32, hidden_size=64, out_hidden_size=64, intermediate_size=64, num_heads=2,
                   patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config = Config(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
-                    vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+    config = Config(vision_config=vision, text_config=_qwen_text(num_layers), **QWEN_TOKENS)
     torch.manual_seed(seed)
     model = Model(config)
     model.set_attn_implementation(attn_implementation)
@@ -126,13 +135,8 @@ def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack=(0,), attn_imple
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=2,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
                   deepstack_visual_indexes=list(deepstack))
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
-                                 "rope_theta": 10000.0},
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
-                           vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+    config = Qwen3VLConfig(vision_config=vision, text_config=_qwen_text(num_layers, head_dim=16, interleaved=True),
+                           **QWEN_TOKENS)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)

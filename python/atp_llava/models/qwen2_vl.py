@@ -81,7 +81,11 @@ class Qwen2VLAdapter(ModelAdapter):
         pixels = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
                              dtype=param.dtype, device=param.device)
         out = inner.get_image_features(pixels, torch.tensor([[1, m, m]], device=param.device))
-        return sum(f.float().sum() for f in out.pooler_output) * 0.0
+        return sum(f.float().sum() for f in self.encoder_outputs(out)) * 0.0
+
+    def encoder_outputs(self, out) -> list:
+        """Every tensor the vision encoder's output ``out`` hands the language model."""
+        return list(out.pooler_output)
 
 
 @register_adapter
@@ -98,13 +102,5 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                              f"layers, at the positions of every image token; ATP layers {layers} would prune before "
                              f"that. The first allowed ATP layer is {first}")
 
-    def null_vision(self) -> torch.Tensor:
-        inner = self.inner
-        vc = inner.config.vision_config
-        param = next(inner.visual.parameters())
-        m = vc.spatial_merge_size
-        pixels = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                             dtype=param.dtype, device=param.device)
-        out = inner.get_image_features(pixels, torch.tensor([[1, m, m]], device=param.device))
-        deep = sum(f.float().sum() for level in out.deepstack_features for f in level)
-        return (sum(f.float().sum() for f in out.pooler_output) + deep) * 0.0
+    def encoder_outputs(self, out) -> list:
+        return super().encoder_outputs(out) + [f for level in out.deepstack_features for f in level]

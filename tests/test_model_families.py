@@ -1,7 +1,8 @@
 """ATP on every supported model family through its adapter (atp_llava.models): LLaVA-NeXT
 (anyres: base tile + unpadded canvas with row newlines), LLaVA-OneVision (the same with a
 shrunk canvas, one tile per image of a multi-image sample, pooled video frames), Qwen2-VL and
-Qwen2.5-VL (dynamic grids, video, M-RoPE), Qwen3-VL (the same with deepstack). LLaVA-1.5 has its own test files (test_llava_*.py).
+Qwen2.5-VL (dynamic grids, video, M-RoPE), Qwen3-VL (the same with deepstack), InternVL
+(images of several tiles). LLaVA-1.5 has its own test files (test_llava_*.py).
 
 Tiny random models of each family (atp_llava.tiny) in float64, so that two paths that compute
 the same thing in a different order cannot take different pruning decisions by rounding. Every
@@ -35,6 +36,7 @@ IMAGES = {
     "llava_onevision": [[(16, 30)], [(30, 20), (16, 16)], [(32, 32), ("video", 2)]],
     "qwen2_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
     "qwen2_5_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(2, 8, 8)]],
+    "internvl": [[3], [1, 5], [2]],  # tiles per image
     # Qwen3-VL's videos come frame by frame between timestamps: images only here
     "qwen3_vl": [[(1, 8, 12)], [(1, 12, 8), (1, 8, 8)], [(1, 8, 8)]],
 }
@@ -115,6 +117,9 @@ def sample_alone(batch, images, i):
                 rows = sum(t * h * w for t, h, w in own)
                 out[px] = batch[px][start:start + rows]
                 out[key] = batch[key][len(prev):len(prev) + len(own)]
+    else:  # InternVL: one row of pixel_values per tile
+        start = sum(before)
+        out["pixel_values"] = batch["pixel_values"][start:start + sum(mine)]
     return out
 
 
@@ -149,6 +154,8 @@ def test_layout_follows_the_models_own_packing(stock, family):
                 assert shapes[0] == (8, 8)
                 newlines = shapes[1][0] if len(shapes) > 1 else 1
                 assert int((span == stock.config.image_token_id).sum()) == pos.numel() + newlines
+        elif family == "internvl":  # tiles of 4 x 4 tokens, no arrangement
+            assert shapes == ((4, 4),) * images[i]
         else:
             t, h, w = images[i]
             assert shapes == ((h // 2, w // 2),) * t

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_llava_next", "tiny_llava_onevision", "tiny_qwen2_vl", "tiny_qwen3_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
+__all__ = ["tiny_llava", "tiny_llava_next", "tiny_llava_onevision", "tiny_internvl", "tiny_qwen2_vl", "tiny_qwen3_vl", "family_batch", "TINY_VOCAB", "TINY_IMAGE_TOKEN",
            "TINY_FAMILIES"]
 
 TINY_VOCAB = 128
@@ -93,6 +93,22 @@ def tiny_llava_onevision(num_layers: int = 4, seed: int = 0, attn_implementation
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 
 
+def tiny_internvl(num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):
+    """Random ``InternVLForConditionalGeneration``: InternViT of 16 px tiles, patch 2, pixel
+    shuffle 0.5 (4 x 4 tokens per tile); the qwen2 decoder of ``tiny_llava``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  image_size=[NEXT_TILE, NEXT_TILE], patch_size=[2, 2])
+    config = InternVLConfig(vision_config=vision, text_config=_text_config("qwen2", num_layers),
+                            image_token_id=TINY_IMAGE_TOKEN, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
 QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
                    vision_end_token_id=QWEN_END, tie_word_embeddings=False)
 
@@ -143,7 +159,7 @@ def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack=(0,), attn_imple
     return model
 
 
-TINY_FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
+TINY_FAMILIES = {"llava": tiny_llava, "internvl": tiny_internvl, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
                  "qwen2_vl": tiny_qwen2_vl,
                  "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(version="2.5", **kw), "qwen3_vl": tiny_qwen3_vl}
 
@@ -153,7 +169,7 @@ def family_batch(model, images, seed: int = 0, text=6, answer: int = 3, padding:
     tiny ones here, or full-size shapes with random weights: bench/e2e_bench.py). Sample b holds
     the images ``images[b]`` (a list; a LLaVA-1.5 image is None, a LLaVA-NeXT/OneVision image its
     (H, W) pixel size or, OneVision only, ("video", F) a video of F frames, a Qwen-VL image its
-    (T, H, W) patch grid, T > 1 a video), each after ``text`` prompt tokens (an int, or (before
+    (T, H, W) patch grid, T > 1 a video, an InternVL image its number of tiles), each after ``text`` prompt tokens (an int, or (before
     each image, after the last)), then ``answer`` answer tokens (labels). Padded on ``padding``.
     Image placeholders as the model's processor lays them out. Returns the model's keyword
     arguments."""
@@ -199,6 +215,10 @@ def family_batch(model, images, seed: int = 0, text=6, answer: int = 3, padding:
                 ids += [cfg.image_token_id] * int(lens[0])
                 sizes.append(image)
                 pixels.append(torch.randn(n, 3, vc.image_size, vc.image_size, generator=g))
+            elif kind.startswith("InternVL"):  # ``image`` tiles of s x s tokens
+                side = int(vc.image_size[0] // vc.patch_size[0] * cfg.downsample_ratio)
+                ids += [cfg.image_token_id] * (image * side * side)
+                pixels.append(torch.randn(image, 3, *vc.image_size, generator=g))
             else:
                 ids += [cfg.image_token_id] * (vc.image_size // vc.patch_size) ** 2
                 pixels.append(torch.randn(3, vc.image_size, vc.image_size, generator=g))
@@ -235,5 +255,5 @@ def family_batch(model, images, seed: int = 0, text=6, answer: int = 3, padding:
         if video_pixels:
             out["pixel_values_videos"] = torch.stack(video_pixels)
     elif pixels:
-        out["pixel_values"] = torch.stack(pixels)
+        out["pixel_values"] = torch.cat(pixels) if kind.startswith("InternVL") else torch.stack(pixels)
     return out

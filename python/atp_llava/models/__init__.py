@@ -123,8 +123,6 @@ REFUSED: Dict[str, str] = {
                                       "tokens attend bidirectionally within their block; atp_attention has neither "
                                       "a window nor a bidirectional block yet",
     "Qwen3VLMoeForConditionalGeneration": "no adapter yet (the Qwen3-VL adapter is tested on the dense model only)",
-    "InternVLForConditionalGeneration": "the arrangement of its 448-px tiles is not among the model's inputs, so "
-                                        "the grid of an image's tokens cannot be known",
 }
 
 
@@ -141,4 +139,4 @@ def adapter_for(model: nn.Module, config: ATPConfig) -> ModelAdapter:
                     f"{', '.join(SUPPORTED_MODELS)}")
 
 
-from . import llava, llava_next, llava_onevision, qwen2_vl  # noqa: E402,F401  (register the families)
+from . import internvl, llava, llava_next, llava_onevision, qwen2_vl  # noqa: E402,F401  (register the families)

@@ -8,11 +8,11 @@ each image has its own token count and grids, and per-image tensors are padded t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["VisionLayout", "ImageTokens", "fixed_grid_tokens", "grid_coords", "valid_mask", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
+__all__ = ["VisionLayout", "ImageTokens", "fixed_grid_tokens", "grid_coords", "token_runs", "valid_mask", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -69,6 +69,15 @@ def grid_coords(shape: Tuple[int, int], index: int = 0, frames: int = 1) -> torc
     h, w = shape
     t = torch.arange(frames * h * w)
     return torch.stack([index + t // (h * w), (t // w) % h, t % w], dim=1)
+
+
+def token_runs(mask: torch.Tensor) -> List[torch.Tensor]:
+    """The positions of every run of consecutive True entries of ``mask`` (L,) bool, in order."""
+    pos = mask.nonzero().squeeze(1)
+    if pos.numel() == 0:
+        return []
+    starts = torch.cat([pos.new_ones(1, dtype=torch.bool), pos[1:] != pos[:-1] + 1])
+    return list(pos.tensor_split(starts.nonzero().squeeze(1)[1:].cpu()))
 
 
 def fixed_grid_tokens(input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int,

@@ -42,6 +42,8 @@ class ModelAdapter:
     # forward arguments ``image_tokens`` reads beside input_ids; generate() hands the prompt's
     # to its prefill forward, which gets pre-encoded images (mm_encoder_outputs) instead
     layout_inputs: Tuple[str, ...] = ()
+    takes_image_grid = False  # ATPConfig.image_grid applies (a fixed-grid family)
+    needs_default_strategy = False  # the tower has a CLS token: vision_feature_select_strategy must drop it
 
     def __init__(self, model: nn.Module, config: ATPConfig):
         self._model = weakref.ref(model)  # the model holds its controller, which holds this
@@ -81,6 +83,12 @@ class ModelAdapter:
 
     def check(self, config: ATPConfig) -> None:
         """Refuse what this family cannot run, with the reason."""
+        if config.image_grid is not None and not self.takes_image_grid:
+            raise ValueError(f"apply_atp: ATPConfig.image_grid does not apply to {self.family}, whose images have "
+                             "their own grids; leave it None")
+        if self.needs_default_strategy and self.model.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"apply_atp: {self.family} with vision_feature_select_strategy 'full' (a CLS token per "
+                             "tile) is not supported; use 'default'")
         if config.rope_2d and self.positions_3d:
             raise ValueError(f"apply_atp: rope_2d is for 1D-RoPE decoders; {type(self.model).__name__}'s positions "
                              "are already 3D (M-RoPE: every vision token has its own (t, row, col) position, "

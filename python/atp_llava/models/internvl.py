@@ -12,8 +12,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from ..config import ATPConfig
-from ..layout import ImageTokens, grid_coords
+from ..layout import ImageTokens, grid_coords, token_runs
 from . import ModelAdapter, register_adapter
 
 
@@ -25,15 +24,7 @@ def _pair(x) -> Tuple[int, int]:
 class InternVLAdapter(ModelAdapter):
     classes = ("InternVLForConditionalGeneration",)
     family = "InternVL"
-
-    def check(self, config: ATPConfig) -> None:
-        super().check(config)
-        if config.image_grid is not None:
-            raise ValueError("apply_atp: ATPConfig.image_grid does not apply to InternVL, whose images have their "
-                             "own number of tiles; leave it None")
-        if self.model.config.vision_feature_select_strategy != "default":
-            raise ValueError("apply_atp: InternVL with vision_feature_select_strategy 'full' (a CLS token per "
-                             "tile) is not supported; use 'default'")
+    needs_default_strategy = True
 
     @property
     def tile(self) -> Tuple[int, int]:
@@ -49,11 +40,7 @@ class InternVLAdapter(ModelAdapter):
         h, w = self.tile
         samples, positions, grids, shapes = [], [], [], []
         for b in range(input_ids.shape[0]):
-            pos = (vision[b] & valid[b]).nonzero().squeeze(1)
-            if pos.numel() == 0:
-                continue
-            starts = torch.cat([pos.new_ones(1, dtype=torch.bool), pos[1:] != pos[:-1] + 1])
-            for run in pos.tensor_split(starts.nonzero().squeeze(1)[1:].cpu()):
+            for run in token_runs(vision[b] & valid[b]):
                 tiles, extra = divmod(run.numel(), h * w)
                 if extra:
                     raise ValueError(f"ATP (InternVL): a run of {run.numel()} image tokens is not whole tiles of "

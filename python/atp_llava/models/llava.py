@@ -15,6 +15,7 @@ from . import ModelAdapter, register_adapter
 class LlavaAdapter(ModelAdapter):
     classes = ("LlavaForConditionalGeneration",)
     family = "LLaVA-1.5"
+    takes_image_grid = True
 
     def fixed_grid(self, config: ATPConfig) -> Optional[Tuple[int, int]]:
         if config.image_grid is not None:

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..config import ATPConfig
 from ..layout import ImageTokens, grid_coords
 from . import ModelAdapter, register_adapter
 
@@ -49,15 +48,7 @@ class LlavaNextAdapter(ModelAdapter):
     classes = ("LlavaNextForConditionalGeneration",)
     family = "LLaVA-NeXT"
     layout_inputs = ("image_sizes",)
-
-    def check(self, config: ATPConfig) -> None:
-        super().check(config)
-        if config.image_grid is not None:
-            raise ValueError(f"apply_atp: ATPConfig.image_grid does not apply to {self.family}, whose images have "
-                             "their own grids (base tile and canvas); leave it None")
-        if type(self) is LlavaNextAdapter and self.model.config.vision_feature_select_strategy != "default":
-            raise ValueError("apply_atp: LLaVA-NeXT with vision_feature_select_strategy 'full' (a CLS token per "
-                             "tile) is not supported; use 'default'")
+    needs_default_strategy = True
 
     @property
     def tile(self) -> Tuple[int, int]:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..layout import grid_coords
+from ..layout import grid_coords, token_runs
 from . import register_adapter
 from .llava_next import NEWLINE, LlavaNextAdapter
 
@@ -21,6 +21,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     classes = ("LlavaOnevisionForConditionalGeneration",)
     family = "LLaVA-OneVision"
     layout_inputs = ("image_sizes", "batch_num_images")
+    needs_default_strategy = False  # SigLIP: no CLS token, "full" is every token
 
     def num_patches(self, image_sizes: torch.Tensor, inputs: Dict[str, Any]) -> List[int]:
         per_sample = inputs.get("batch_num_images")
@@ -44,11 +45,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         h, w = (math.ceil(s / 2) for s in self.tile)
         is_video = (inputs["input_ids"] == self.model.config.video_token_id) & valid
         for b in range(is_video.shape[0]):
-            pos = is_video[b].nonzero().squeeze(1)
-            if pos.numel() == 0:
-                continue
-            starts = torch.cat([pos.new_ones(1, dtype=torch.bool), pos[1:] != pos[:-1] + 1])
-            for run in pos.tensor_split(starts.nonzero().squeeze(1)[1:].cpu()):
+            for run in token_runs(is_video[b]):
                 frames, extra = divmod(run.numel() - 1, h * w)
                 if extra or frames < 1:
                     raise ValueError(f"ATP (LLaVA-OneVision): a run of {run.numel()} video tokens is not frames of "

@@ -32,12 +32,6 @@ class Qwen2VLAdapter(ModelAdapter):
     positions_3d = True
     layout_inputs = ("image_grid_thw", "video_grid_thw")
 
-    def check(self, config: ATPConfig) -> None:
-        super().check(config)
-        if config.image_grid is not None:
-            raise ValueError("apply_atp: ATPConfig.image_grid does not apply to Qwen2-VL, whose images have their "
-                             "own grids (image_grid_thw); leave it None")
-
     def vision_prefixes(self):
         return ("model.visual.",)
 

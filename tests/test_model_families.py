@@ -201,6 +201,28 @@ def test_train_lm_freezes_the_vision_encoder(family):
         assert p.requires_grad == (not n.startswith(prefixes)), n
 
 
+def test_a_few_steps_then_save_and_load_give_the_same_thresholds(family, tmp_path):
+    from atp_llava import load_atp, read_atp_config, save_atp
+
+    model = apply_atp(TINY_FAMILIES[family](num_layers=4), ATPConfig(layers=(1, 2, 3), target_ratio=0.3,
+                                                                    mlp_width=32)).train()
+    batch = family_batch(model, IMAGES[family])
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith("atp.")], lr=1e-2)
+    for _ in range(2):
+        out = model(**batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    path = tmp_path / "atp.safetensors"
+    save_atp(model, path)
+    assert read_atp_config(path) == model.atp.config
+    fresh = load_atp(TINY_FAMILIES[family](num_layers=4), path)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        a, b = model(**batch), fresh(**batch)
+    assert torch.equal(a.atp_stats["theta_r"], b.atp_stats["theta_r"]) and torch.equal(a.logits, b.logits)
+
+
 # ----------------------------------------------------------------------------------------------
 # inference with real pruning
 

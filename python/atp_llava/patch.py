@@ -148,6 +148,7 @@ class ATPState:
         input, added to the loss so that every parameter takes part in every step.
     budget_share: this forward's share of an accumulated batch's budget term (losses.budget_share;
         None: the forward is the whole batch).
+    image_inputs: (S_spatial, canvas cells) of the images, set by ``spatial_and_cells``.
     """
 
     layout: VisionLayout
@@ -173,6 +174,14 @@ class ATPState:
     theta_s: List[torch.Tensor] = field(default_factory=list)
     null_terms: List[torch.Tensor] = field(default_factory=list)
     budget_share: Optional[torch.Tensor] = None
+    image_inputs: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    def spatial_and_cells(self, atp: ATPModules) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(S_spatial (I, N), the tokens' MLP canvas cells or None) of this forward's images:
+        fixed for the forward, computed at its first ATP layer."""
+        if self.image_inputs is None:
+            self.image_inputs = (atp.spatial(self.layout), atp.cells(self.layout))
+        return self.image_inputs
 
     def bias_for_layer(self, layer_idx: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(key_bias, key_mask or None) of decoder layer ``layer_idx``."""
@@ -619,8 +628,8 @@ class ATPController:
         s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
         if cfg.mode == "adaptive":
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
-            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept, self.atp.cells(lay), self.atp.globals(lay, kept))
-            s_spatial = self.atp.spatial(lay)
+            s_spatial, cells = state.spatial_and_cells(self.atp)
+            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept, cells, self.atp.globals(lay, kept))
             soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature)  # log M, Eq. 9-11
             by_red = (s_red > theta_r[:, None]) | self._top_k(s_red, state.img_keep, cfg.min_keep)
             by_spatial = s_spatial > theta_s[:, None]

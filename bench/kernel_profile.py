@@ -7,7 +7,7 @@ For every kernel of csrc/cuda (each CUDA source of csrc/SOURCES compiled with nv
 architecture): registers, spills and static shared memory (ptxas -v), dynamic shared memory and
 threads per block (from the kernels' own traits, printed by a host program built from the same
 headers), blocks and warps per SM, and the instruction mix of the main loop per warp and
-iteration (SASS from cuobjdump): HMMA, LDSM, LDS, STS, LDGSTS, LDG, BAR, SHFL, MUFU, FLOP. The main
+iteration (SASS from cuobjdump): HMMA, LDSM, LDS, STS, STSM, LDGSTS, LDG, BAR, SHFL, MUFU, FLOP. The main
 loop is the loop with the most HMMA (the innermost loop nest around them is reported as such:
 a loop with inner loops has `inner_loops` > 0 and its counts cover one pass of its own body only).
 
@@ -73,7 +73,9 @@ KERNEL_TRAITS = {
     "soft_mask_bwd_kernel": ("256", "0"),
 }
 
-CATEGORIES = ("HMMA", "LDSM", "LDS", "STS", "LDGSTS", "LDG", "STG", "BAR", "SHFL", "MUFU")
+CATEGORIES = ("HMMA", "LDSM", "LDS", "STS", "STSM", "LDGSTS", "LDG", "STG", "BAR", "SHFL", "MUFU")
+# The shared-memory instructions (stmatrix, STSM, is sm_90's: one per four STS.32 of the same bytes).
+SHARED = ("LDSM", "LDS", "STS", "STSM")
 # Bytes of shared memory one warp instruction moves, by opcode width suffix (32 lanes).
 WIDTH_BYTES = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
 
@@ -206,7 +208,7 @@ def opcode(ins: str) -> str:
 
 def category(op: str) -> str | None:
     base = op.split(".")[0]
-    if base in ("HMMA", "LDSM", "LDGSTS", "BAR", "SHFL", "MUFU", "STS", "LDS", "LDG", "STG"):
+    if base in CATEGORIES:
         return base
     return None
 
@@ -241,7 +243,7 @@ def loop_mix(code, lo, hi) -> dict:
             shape = re.search(r"HMMA\.(\d+)", op)  # 16816: m16 n8 k16; 1688: m16 n8 k8
             k = int(shape.group(1)[3:]) if shape and shape.group(1).startswith("168") else 16
             mix["hmma_flop"] += 2 * 16 * 8 * k
-        elif cat == "LDSM":
+        elif cat in ("LDSM", "STSM"):
             mix["smem_bytes"] += 512 if ".4" in op else (256 if ".2" in op else 128)
         elif cat in ("LDS", "STS"):
             width = next((b for s, b in WIDTH_BYTES.items() if s in op), 4)
@@ -407,7 +409,7 @@ def short(row: dict) -> str:
 
 def print_table(rows: list[dict], fa2: dict | None) -> None:
     hdr = (f"{'kernel':<44} {'arch':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} {'blk/SM':>6} {'HMMA':>5} "
-           f"{'LDSM':>4} {'LDS':>4} {'STS':>4} {'LDGSTS':>6} {'BAR':>3} {'SHFL':>4} {'MUFU':>4} "
+           f"{'LDSM':>4} {'LDS':>4} {'STS':>4} {'STSM':>4} {'LDGSTS':>6} {'BAR':>3} {'SHFL':>4} {'MUFU':>4} "
            f"{'smem/HMMA':>9} {'inner':>5}  estimate " + " / ".join(n.split()[0] for n in MACHINES)
            + " (TFLOP/s, bound)")
     print(hdr)
@@ -415,12 +417,12 @@ def print_table(rows: list[dict], fa2: dict | None) -> None:
 
     def line(label, arch, regs, spill, smem, occ, loop, est):
         hm = loop["HMMA"] if loop else 0
-        sm_ins = (loop["LDSM"] + loop["LDS"] + loop["STS"]) if loop else 0
+        sm_ins = sum(loop.get(c, 0) for c in SHARED) if loop else 0
         ratio = f"{sm_ins / hm:.2f}" if hm else "-"
         e = " / ".join(f"{v['est_tflops']:.0f} {v['bound'][:6]}" for v in est.values()) if est else ""
-        cols = [loop.get(c, 0) if loop else "-" for c in ("HMMA", "LDSM", "LDS", "STS", "LDGSTS", "BAR", "SHFL", "MUFU")]
+        cols = [loop.get(c, 0) if loop else "-" for c in ("HMMA", "LDSM", "LDS", "STS", "STSM", "LDGSTS", "BAR", "SHFL", "MUFU")]
         print(f"{label:<44} {arch:<6} {regs:>4} {spill:>5} {smem:>7} {occ:>6} {cols[0]:>5} {cols[1]:>4} {cols[2]:>4} "
-              f"{cols[3]:>4} {cols[4]:>6} {cols[5]:>3} {cols[6]:>4} {cols[7]:>4} {ratio:>9} "
+              f"{cols[3]:>4} {cols[4]:>4} {cols[5]:>6} {cols[6]:>3} {cols[7]:>4} {cols[8]:>4} {ratio:>9} "
               f"{(loop['inner_loops'] if loop else '-'):>5}  {e}")
 
     for r in rows:

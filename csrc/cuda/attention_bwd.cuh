@@ -10,7 +10,8 @@
 // One block owns kBlockN keys of one (batch, query head) and walks the query blocks of kBlockM
 // rows (attention_bwd_kernel). Per query block its 8 warps compute S = Q K^T and dP = dO V^T
 // once, as mma accumulators (warps 2 x 4 over rows x keys), turn them into P and dS in
-// registers, and store those two (16-bit) to shared memory: the only shared stores of the loop.
+// registers, and store those two (16-bit) to shared memory: the only shared stores of the loop
+// (stmatrix on sm_90, a quarter of the store instructions of st.shared for the same bytes).
 // dV += P^T dO and dK += dS^T Q read P^T and dS^T by ldmatrix.trans and accumulate in
 // registers across the whole walk (warps 4 x 2 over keys x head dim); dQ's share, dS K, is added
 // to a float32 accumulator in global memory. Q, dO, K and V arrive by cp.async (Q double-buffered
@@ -279,13 +280,10 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
 #pragma unroll
       for (int mi = 0; mi < kSM; ++mi)
 #pragma unroll
-        for (int nt = 0; nt < kSN; ++nt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int at = (s_row0 + mi * 16 + g + 8 * hf) * kLdP + s_key0 + nt * 8 + 2 * t;
-            ptx::st_shared_4(sP + at, ptx::pack2<T>(s[mi][nt][2 * hf], s[mi][nt][2 * hf + 1]));
-            ptx::st_shared_4(sdS + at, ptx::pack2<T>(dp[mi][nt][2 * hf], dp[mi][nt][2 * hf + 1]));
-          }
+        for (int np = 0; np < kSN / 2; ++np) {
+          store_c_pair<kLdP>(sP, s_row0 + 16 * mi, s_key0 + 16 * np, s[mi][2 * np], s[mi][2 * np + 1]);
+          store_c_pair<kLdP>(sdS, s_row0 + 16 * mi, s_key0 + 16 * np, dp[mi][2 * np], dp[mi][2 * np + 1]);
+        }
 
       __syncthreads();  // P and dS are complete
 

@@ -11,6 +11,7 @@
 //   C/D (16 x 8, fp32), 4 floats: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
 // ldmatrix.m8n8.x{1,2,4}: lanes 8i..8i+7 give the row addresses of matrix i; register i of lane l
 // holds row l / 4, columns 2 (l % 4)..+1 of matrix i (with .trans: column l / 4, rows 2 (l % 4)..+1).
+// stmatrix.m8n8.x4 (sm_90 and later) is its inverse: the same addresses, the same registers.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -61,6 +62,25 @@ __device__ __forceinline__ void ldmatrix_x1(uint32_t& r, const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
                : "=r"(r)
                : "r"(smem_addr(row)));
+}
+
+// ---- stmatrix (sm_90 and later) ------------------------------------------------------------------
+// Whether the architecture being compiled has stmatrix; without it a kernel stores the same
+// registers with one st.shared.b32 each (tiles.cuh's store_c_pair).
+__device__ __forceinline__ constexpr bool has_stmatrix() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return true;
+#else
+  return false;
+#endif
+}
+// Called only where has_stmatrix(); compiles to nothing elsewhere.
+__device__ __forceinline__ void stmatrix_x4(void* row, const uint32_t (&r)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(smem_addr(row)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#endif
 }
 
 // ---- mma.sync.m16n8k16, fp32 accumulate: d += a b ----------------------------------------------

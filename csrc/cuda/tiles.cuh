@@ -1,6 +1,7 @@
 // Shared-memory tiles and mma.sync operand fragments, shared by the attention forward and
-// backward: cp.async tile copies, and the four ways a kernel reads an m16n8k16 operand out of a
-// row-major tile with ldmatrix (cuda/ptx.cuh's header gives the fragment layouts).
+// backward: cp.async tile copies, the four ways a kernel reads an m16n8k16 operand out of a
+// row-major tile with ldmatrix, and accumulators stored back as a tile (cuda/ptx.cuh's header
+// gives the fragment layouts).
 //
 // Every tile is row-major with a pitch of (columns + 8) elements: the 8 rows one ldmatrix phase
 // reads start 16 bytes apart modulo 128, so they hit 32 distinct banks.
@@ -77,6 +78,26 @@ template <int kLd, typename T>
 __device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const T* tile, int n0, int k0) {
   const int lane = threadIdx.x % 32;
   ptx::ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * kLd + n0 + ((lane >> 4) << 3));
+}
+
+// ---- accumulators to a tile ----------------------------------------------------------------------
+// The C fragments c0, c1 of n-tiles n0 and n0 + 8 (rows m0..m0 + 15), rounded to T, into a
+// row-major tile of pitch kLd: one stmatrix.x4 on sm_90 (matrix i = n-tile i / 2, rows
+// 8 (i % 2)..), four st.shared.b32 elsewhere. The same bytes either way.
+template <int kLd, typename T>
+__device__ __forceinline__ void store_c_pair(T* tile, int m0, int n0, const float (&c0)[4], const float (&c1)[4]) {
+  const uint32_t r[4] = {ptx::pack2<T>(c0[0], c0[1]), ptx::pack2<T>(c0[2], c0[3]), ptx::pack2<T>(c1[0], c1[1]),
+                         ptx::pack2<T>(c1[2], c1[3])};
+  const int lane = threadIdx.x % 32;
+  if (ptx::has_stmatrix()) {
+    // Lane l addresses row l % 16, columns 8 (l / 16).. (load_a's addresses); written as the
+    // (m0, n0) corner plus the lane's offset, which ptxas allocates without spilling at D = 128.
+    ptx::stmatrix_x4(tile + m0 * kLd + n0 + ((lane & 15) * kLd + ((lane >> 4) << 3)), r);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ptx::st_shared_4(tile + (m0 + g + 8 * (i & 1)) * kLd + n0 + 8 * (i >> 1) + 2 * t, r[i]);
+  }
 }
 
 }  // namespace atp::cuda

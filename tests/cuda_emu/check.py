@@ -52,6 +52,13 @@ def register(*tensors):
 SMEM_PER_SM = {"sm_90": 228 * 1024, "sm_80": 164 * 1024, "sm_86": 100 * 1024}
 
 
+def set_device(arch):
+    """Emulates `arch`: its shared memory per SM (the host's tile choice) and its device-code
+    paths (stmatrix on sm_90 only)."""
+    lib.emu_set_smem_per_sm(I(SMEM_PER_SM[arch]))
+    lib.emu_set_arch(I(int(arch[3:])))
+
+
 def loadable(t):
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
     for d in range(t.dim() - 1):
@@ -76,7 +83,7 @@ def fwd(q, k, v, bias, causal, scale, splits=1, arch="sm_90"):
         oacc = torch.empty(splits, B, Hq, Lq, D)
         lacc = torch.empty(splits, B, Hq, Lq)
     register(q, k, v, bias, out, lse, oacc, lacc)
-    lib.emu_set_smem_per_sm(I(SMEM_PER_SM[arch]))
+    set_device(arch)
     lib.emu_fwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(out), ptr(lse), I(splits), I(kps), ptr(oacc), ptr(lacc))
@@ -102,7 +109,7 @@ def bwd(do, dlse, q, k, v, bias, out, lse, causal, scale, grad_bias=None, arch="
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     register(q, k, v, bias, do, out, lse, dlse, delta, dq, dk, dv, db, grad_bias, dq_accum)
-    lib.emu_set_smem_per_sm(I(SMEM_PER_SM[arch]))
+    set_device(arch)
     lib.emu_bwd(I(dt), I(B), I(Hq), I(Hkv), I(Lq), I(Lk), I(D), ptr(q), strides(q), ptr(k), strides(k),
                 ptr(v), strides(v), ptr(bias), L(bias.stride(0) if bias is not None else 0), F(scale),
                 I(int(causal)), ptr(do), strides(do), ptr(out), strides(out), ptr(lse), ptr(dlse),
@@ -396,7 +403,7 @@ ALL += GPU_SUITE
 
 # What mutations.py runs on each mutated kernel: the forward at both head dims, packed decode,
 # causal with two query blocks and several key tiles, non-causal with Lq < Lk; s_cross; the
-# backward with several splits per head.
+# backward with several splits per head, on sm_90 (P and dS by stmatrix) and sm_80 (st.shared).
 MUTATION = [
     partial(case, 1, 8, 2, 3, 200, 64, torch.float16, True, splits=2, do_bwd=False),  # packed decode
     partial(case, 2, 8, 2, 1, 2880, 128, torch.bfloat16, False, bias_kind="pruned_range", splits=3,
@@ -409,6 +416,7 @@ MUTATION = [
     # the last of a query block), and D = 64 over 2 splits
     partial(case, 1, 2, 1, 299, 300, 128, torch.float16, True, bwd_splits=3, seed=22),
     partial(case, 1, 2, 2, 200, 290, 64, torch.bfloat16, True, bwd_splits=2, seed=23),
+    partial(case, 1, 2, 1, 130, 200, 64, torch.float16, False, arch="sm_80", seed=24),
 ]
 
 

@@ -81,3 +81,5 @@ extern "C" void emu_register(const void* p, int64_t bytes) { emu::register_buffe
 extern "C" void emu_clear() { emu::clear_buffers(); }
 // What cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor) reports: picks the forward's tiles.
 extern "C" void emu_set_smem_per_sm(int bytes) { emu::g_smem_per_sm = bytes; }
+// The architecture the device code takes its paths for (ptx::has_stmatrix): 80, 86 or 90.
+extern "C" void emu_set_arch(int arch) { emu::g_arch = arch; }

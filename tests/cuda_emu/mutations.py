@@ -67,6 +67,10 @@ MUTATIONS = [
     Mutation("bwd_dq_slice_of_another_split", BWD,
              "float* dq_slice = p.dq_accum + (int64_t(split) * p.B * p.Hq + bh) * p.Lq * kD;",
              "float* dq_slice = p.dq_accum + (int64_t(split / 2) * p.B * p.Hq + bh) * p.Lq * kD;"),
+    Mutation("bwd_wrong_lane_mapping_stmatrix", TILES,
+             "((lane & 15) * kLd + ((lane >> 4) << 3))", "((lane & 7) * kLd + ((lane >> 3) << 3))"),
+    Mutation("bwd_wrong_lane_mapping_p_store", TILES,
+             "(m0 + g + 8 * (i & 1)) * kLd + n0 + 8 * (i >> 1)", "(m0 + g + 8 * (i >> 1)) * kLd + n0 + 8 * (i & 1)"),
     Mutation("prefetch_into_the_buffer_being_read", FWD,
              "sK + ((it + 1) & 1) * kBlockK * kLd", "sK + (it & 1) * kBlockK * kLd"),
 ]

@@ -287,8 +287,8 @@ inline void on_read(const void* p, size_t bytes, const char* what, int tid = -1)
     s[i].read = now(tid);
   }
 }
-inline void on_write(const void* p, size_t bytes, const char* what, bool landing = false) {
-  const int tid = int(cur->tid.x);
+inline void on_write(const void* p, size_t bytes, const char* what, bool landing = false, int tid = -1) {
+  if (tid < 0) tid = int(cur->tid.x);
   Shadow* s = shadow_of(p, bytes, what);
   for (size_t i = 0; i < bytes; ++i) {
     if (!landing && s[i].in_flight) fail("write to shared memory that an in-flight cp.async will overwrite");
@@ -329,6 +329,7 @@ T shfl_down(T v, int off) { return shuffle(v, lane() + off); }
 
 // ---- launches ----------------------------------------------------------------------------------
 inline int g_smem_per_sm = 228 * 1024;  // what cudaDeviceGetAttribute reports (sm_90 by default)
+inline int g_arch = 90;                 // the __CUDA_ARCH__ / 10 of the emulated device code
 inline void device_attribute(int* v, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrMaxSharedMemoryPerMultiprocessor) fail("unemulated device attribute");
   *v = g_smem_per_sm;

@@ -119,6 +119,31 @@ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) { detail::ldmatrix<2>
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { detail::ldmatrix<2>(r, row, true); }
 inline void ldmatrix_x1(uint32_t& r, const void* row) { detail::ldmatrix<1>(&r, row, false); }
 
+// ---- stmatrix ------------------------------------------------------------------------------------
+// The device code's choice follows the emulated architecture (emu_set_arch), so sm_90 runs the
+// stmatrix path and sm_80 / sm_86 the st.shared one.
+inline bool has_stmatrix() { return emu::g_arch >= 90; }
+// Register i of lane l goes to row l / 4, columns 2 (l % 4)..+1 of matrix i, whose row addresses
+// lanes 8i..8i+7 give; each write is checked as a write by lane l.
+inline void stmatrix_x4(void* row, const uint32_t (&r)[4]) {
+  if (!has_stmatrix()) emu::fail("stmatrix on an architecture without it (sm_90 and later only)");
+  struct Regs { unsigned char* addr; uint32_t r[4]; } mine{static_cast<unsigned char*>(row), {r[0], r[1], r[2], r[3]}};
+  const int warp0 = int(emu::cur->tid.x) & ~31;
+  emu::collective(&mine, sizeof(mine), nullptr, 0, false, [&](unsigned char (*in)[64], unsigned char (*)[64]) {
+    Regs regs[32];
+    for (int l = 0; l < 32; ++l) {
+      std::memcpy(&regs[l], in[l], sizeof(Regs));
+      detail::check_align(regs[l].addr, "stmatrix: row address not 16-byte aligned");
+    }
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) {
+        unsigned char* a = regs[8 * i + l / 4].addr + 4 * (l % 4);
+        emu::on_write(a, 4, "stmatrix", false, warp0 + l);
+        std::memcpy(a, &regs[l].r[i], 4);
+      }
+  });
+}
+
 // ---- mma.sync.m16n8k16 -------------------------------------------------------------------------
 template <typename T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -102,7 +102,7 @@ def atp_attention(
     A row with no finite logit returns 0 and lse = -inf. Differentiable in q, k, v, key_bias,
     key_mask (and through lse). The backward is deterministic (bitwise repeatable) on CPU and on
     CUDA, whatever ``torch.use_deterministic_algorithms`` says: no kernel uses atomics. CUDA
-    supports float16/bfloat16 with head dims 64 and 128. Inputs may be non-contiguous views
+    supports float16/bfloat16 with head dims 64, 96 and 128. Inputs may be non-contiguous views
     (e.g. HF's transposed (B, L, H, D) tensors); the CPU kernel computes fp16/bf16 in float32.
 
     Equivalent to ``atp_ops.reference.attention_ref`` without materialising (Lq, Lk).

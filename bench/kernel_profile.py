@@ -60,7 +60,7 @@ MACHINES = {
 # dynamic size depends on the call (reported as such, left out of the occupancy).
 KERNEL_TRAITS = {
     "attention_fwd_kernel": ("atp::cuda::FwdTraits<{a1}, {a2}>::kThreads", "atp::cuda::FwdTraits<{a1}, {a2}>::kSmemBytes",
-                             "atp::cuda::fwd_block_k_for({a1}, {a4}, {smem}) == {a2}"),
+                             "atp::cuda::fwd_block_k_for<{a1}>({a4}, {smem}) == {a2}"),
     "attention_fwd_combine_kernel": ("128", "0"),
     "attention_bwd_delta_kernel": ("128", "0"),
     "attention_bwd_kernel": ("atp::cuda::BwdTiles<{a1}, {a2}>::kThreads", "atp::cuda::BwdTiles<{a1}, {a2}>::kSmemBytes",

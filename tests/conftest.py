@@ -64,7 +64,7 @@ SOFT_MASK_DEVICES = devices_for("soft_mask_fwd", "soft_mask_bwd")
 #
 # From csrc/cuda/ops_cuda.cpp (the CUDA host glue raises a TORCH_CHECK error otherwise):
 #   attention (attention_fwd, attention_bwd): q, k, v float16 or bfloat16 (float32/float64 are
-#       refused: "use the CPU implementation"); head dim D = 64 or 128; key_bias float32;
+#       refused: "use the CPU implementation"); head dim D = 64, 96 or 128; key_bias float32;
 #       lse float32; B <= 65535, Hq <= 65535.
 #   scores: q, k float16, bfloat16 or float32 (float64 refused); D <= 256
 #       (cuda::kCrossScoresMaxHeadDim); lse float32 (compute_dtype of q: checks.cpp check_lse);
@@ -82,7 +82,7 @@ DTYPES_FOR = {
 }
 # None: any head dim D > 0.
 HEAD_DIMS_FOR = {
-    "attention": {"cpu": None, "cuda": (64, 128)},
+    "attention": {"cpu": None, "cuda": (64, 96, 128)},
     "scores": {"cpu": None, "cuda": range(1, 257)},
     "soft_mask": {"cpu": None, "cuda": None},
 }

@@ -1,7 +1,7 @@
 """atp_attention against reference.attention_ref (DESIGN §3.1): forward, lse and every gradient.
 
 Every test runs on "cpu" and "cuda" (skipped without a GPU). What the CPU runs is fixed; on CUDA,
-which supports only float16/bfloat16 with head dims 64 and 128 (conftest.DTYPES_FOR /
+which supports only float16/bfloat16 with head dims 64, 96 and 128 (conftest.DTYPES_FOR /
 HEAD_DIMS_FOR), a test either picks supported values (conftest.pick: float32 -> float16,
 float64 -> bfloat16, small head dims -> 64, with dtype-aware tolerances) or, where the CPU case
 has no CUDA counterpart (float64 gradcheck), skips with the reason.
@@ -101,7 +101,7 @@ def check_against_reference(q, k, v, key_bias, causal, scale, use_lse, gen, key_
 @st.composite
 def attention_cases(draw, device):
     """A case the kernel of `device` supports: the CPU draws from every dtype and HEAD_DIMS,
-    CUDA from its float16/bfloat16 and head dims 64/128 (the rest of the draw is the same)."""
+    CUDA from its float16/bfloat16 and head dims 64/96/128 (the rest of the draw is the same)."""
     b = draw(st.integers(1, 3))
     hq, hkv = draw(st.sampled_from(HEADS))
     lq = draw(st.sampled_from([1, 2, 17, 63, 64, 65, 129]))

@@ -43,7 +43,7 @@ def _tools():
 def rows():
     _tools()
     srcs = [REPO / f"csrc/cuda/attention_{kind}_{dt}_hdim{d}.cu"
-            for kind in ("fwd", "bwd") for dt in ("fp16", "bf16") for d in (64, 128)]
+            for kind in ("fwd", "bwd") for dt in ("fp16", "bf16") for d in (64, 96, 128)]
     return kp.profile_ours(["sm_80", "sm_90"], srcs)
 
 

@@ -2,7 +2,7 @@
 
 Every test runs on "cpu" and "cuda" (skipped without a GPU). What the CPU runs is fixed. CUDA's
 scores kernel takes float16/bfloat16/float32 with head dims up to 256, its attention kernel only
-float16/bfloat16 with head dims 64/128 (conftest.DTYPES_FOR / HEAD_DIMS_FOR): on CUDA a float64
+float16/bfloat16 with head dims 64/96/128 (conftest.DTYPES_FOR / HEAD_DIMS_FOR): on CUDA a float64
 case runs at a supported dtype instead (conftest.pick), and where the CUDA attention kernel
 cannot produce lse for the case, lse comes from reference.attention_ref (float32, on the GPU),
 so the scores kernel is still the thing tested.
@@ -29,7 +29,7 @@ OP = "scores"  # conftest's name for atp_scores' kernel
 
 def attention_lse(q, k, v, key_bias, causal=True, scale=None):
     """The lse of atp_attention (out discarded), as the scores take it. Where the device has no
-    attention kernel for q's dtype and head dim (CUDA with float32 or D not in 64/128), the
+    attention kernel for q's dtype and head dim (CUDA with float32 or D not in 64/96/128), the
     reference's lse instead: float32 (compute_dtype) on q's device, what atp_attention returns."""
     if supported("attention", q.device, q.dtype, q.shape[-1]):
         return atp_attention(q, k, v, key_bias, causal=causal, scale=scale, return_lse=True)[1]

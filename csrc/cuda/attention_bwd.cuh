@@ -53,8 +53,10 @@ struct BwdTraits {
   static constexpr int kSM = kBlockM / 2 / 16, kSN = kBlockN / 4 / 8;
   // dK and dV: warps 4 (keys) x 2 (head dim), kKM x kKN tiles each.
   static constexpr int kKM = kBlockN / 4 / 16, kKN = kD / 2 / 8;
-  // dQ: warps kQWarpsM (rows, 32 each) x kQWarpsD (head dim), 2 x kQN tiles each.
-  static constexpr int kQWarpsM = kBlockM / 32, kQWarpsD = kWarps / kQWarpsM, kQN = kD / kQWarpsD / 8;
+  // dQ: warps kQWarpsM (rows, 16 kQM each) x kQWarpsD (head dim), kQM x kQN tiles each: 32 rows
+  // a warp where the head dim splits into an even number of n tiles per warp, else (D = 96) 16.
+  static constexpr int kQM = kD % 64 == 0 ? 2 : 1;
+  static constexpr int kQWarpsM = kBlockM / 16 / kQM, kQWarpsD = kWarps / kQWarpsM, kQN = kD / kQWarpsD / 8;
   static constexpr int kTileQ = kBlockM * kLd, kTileK = kBlockN * kLd, kTileP = kBlockM * kLdP;
   static constexpr int kQStages = kQStages_;  // 2: the next Q loads while this block computes
   static constexpr int kOffK = 0;
@@ -73,9 +75,11 @@ struct BwdTraits {
 // sm_86's 99 KB per block (launch.h's bwd_block_m / bwd_block_n say the same to the host).
 template <int kD, bool kLarge>
 using BwdTiles = BwdTraits<kD, kLarge && kD <= 64 ? 128 : 64, kLarge || kD <= 64 ? 128 : 64, kLarge || kD <= 64 ? 2 : 1>;
-static_assert(BwdTiles<128, true>::kSmemBytes + 1024 <= 164 * 1024 && BwdTiles<64, true>::kSmemBytes + 1024 <= 164 * 1024,
+static_assert(BwdTiles<128, true>::kSmemBytes + 1024 <= 164 * 1024 && BwdTiles<96, true>::kSmemBytes + 1024 <= 164 * 1024 &&
+                  BwdTiles<64, true>::kSmemBytes + 1024 <= 164 * 1024,
               "the large tiles fit sm_80's 164 KB per SM");
-static_assert(BwdTiles<128, false>::kSmemBytes <= 99 * 1024 && BwdTiles<64, false>::kSmemBytes <= 99 * 1024,
+static_assert(BwdTiles<128, false>::kSmemBytes <= 99 * 1024 && BwdTiles<96, false>::kSmemBytes <= 99 * 1024 &&
+                  BwdTiles<64, false>::kSmemBytes <= 99 * 1024,
               "the small tiles fit sm_86's 99 KB per block");
 
 // delta = rowsum(dO * O) - dlse, one warp per row (b, h, i); grid ceil(B * Hq * Lq / 4).
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
   using Tr = BwdTiles<kD, kLarge>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
   constexpr int kThreads = Tr::kThreads, kLd = Tr::kLd, kLdP = Tr::kLdP;
-  constexpr int kSM = Tr::kSM, kSN = Tr::kSN, kKM = Tr::kKM, kKN = Tr::kKN, kQN = Tr::kQN;
+  constexpr int kSM = Tr::kSM, kSN = Tr::kSN, kKM = Tr::kKM, kKN = Tr::kKN, kQM = Tr::kQM, kQN = Tr::kQN;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);    // [kBlockN, kLd]
   T* sV = reinterpret_cast<T*>(smem + Tr::kOffV);    // [kBlockN, kLd]
@@ -156,7 +160,7 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
   const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
   const int s_row0 = (warp % 2) * (kBlockM / 2), s_key0 = (warp / 2) * (kBlockN / 4);  // S, dP
   const int kv_key0 = (warp % 4) * (kBlockN / 4), kv_d0 = (warp / 4) * (kD / 2);      // dK, dV
-  const int dq_row0 = (warp % Tr::kQWarpsM) * 32, dq_d0 = (warp / Tr::kQWarpsM) * (kD / Tr::kQWarpsD);
+  const int dq_row0 = (warp % Tr::kQWarpsM) * 16 * kQM, dq_d0 = (warp / Tr::kQWarpsM) * (kD / Tr::kQWarpsD);
 
   for (int nb = split; nb < n_kblocks; nb += p.num_splits) {
     const int j0 = nb * kBlockN;
@@ -329,9 +333,9 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
 
       // dQ so far (this split's slice) for the warp's dQ rows, the accumulators' start: loaded
       // once the next tiles' copies are issued.
-      float dq[2][kQN][4];
+      float dq[kQM][kQN][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < kQM; ++mi)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int i = i0 + dq_row0 + mi * 16 + g + 8 * hf;
@@ -345,22 +349,22 @@ __global__ void __launch_bounds__(BwdTiles<kD, kLarge>::kThreads, 1)
       // dQ += dS K (scaled once, by the final sum).
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[2][4];
+        uint32_t a[kQM][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) load_a<kLdP>(a[mi], sdS, dq_row0 + 16 * mi, 16 * kk);
+        for (int mi = 0; mi < kQM; ++mi) load_a<kLdP>(a[mi], sdS, dq_row0 + 16 * mi, 16 * kk);
 #pragma unroll
         for (int np = 0; np < kQN / 2; ++np) {
           uint32_t kb[4];
           load_b_trans<kLd>(kb, sK, dq_d0 + 16 * np, 16 * kk);
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
+          for (int mi = 0; mi < kQM; ++mi) {
             ptx::mma_16816<T>(dq[mi][2 * np], a[mi], kb[0], kb[1]);
             ptx::mma_16816<T>(dq[mi][2 * np + 1], a[mi], kb[2], kb[3]);
           }
         }
       }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < kQM; ++mi)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int i = i0 + dq_row0 + mi * 16 + g + 8 * hf;

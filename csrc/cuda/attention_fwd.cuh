@@ -15,10 +15,12 @@
 // D = 128: measured, 40-56 bytes of spills).
 //
 // Rows: a block's rows are rows [i0, i0 + kBlockQ) of the (head, query) sequence of its head
-// group, row r being query r % Lq of head head0 + r / Lq. Unpacked, the group is one query head
-// (grid.y = Hq); packed (kPackGqa, decode with Lq <= 16), it is the Hq / Hkv query heads of one
-// KV head (grid.y = Hkv), so their K/V tiles are read once for all of them. Either way output row
-// r sits at (b Hq + head0) Lq + r of out and lse.
+// group, row r being query r % Lq of head head0 + r / Lq. In prefill the group is one query head
+// (grid.y = Hq); in decode (kDecode, Lq <= 16) it is the Hq / Hkv query heads of one KV head
+// (grid.y = Hkv; one head when Hq = Hkv), so their K/V tiles are read once for all of them.
+// Either way output row r sits at (b Hq + head0) Lq + r of out and lse. A warp whose rows are all
+// past the group's (decode: every warp but the first when the group has <= 32 rows; the last row
+// block of a prefill) copies tiles and takes the barriers but computes nothing.
 //
 // Decode skips the key tiles whose keys are all removed (-inf key_bias: a ragged batch's padding,
 // a pruned cache): neither loaded nor computed. Each tile barrier also ORs, over the block,
@@ -26,8 +28,9 @@
 // make ptxas spill, and there compute, not reading K/V, is the cost.)
 //
 // Key tiles per architecture: kBlockK = 64 where two blocks fit in an SM's shared memory (sm_90:
-// 2 x 102 KB at D = 128), else 32 (sm_80: two blocks of 68 KB; sm_86: one). D = 64 always uses 64;
-// packed decode at D = 128 always 32 (fwd_block_k_for).
+// 2 x 102 KB at D = 128, 2 x 78 KB at D = 96, which sm_80 fits too), else 32 (D = 128 on sm_80:
+// two blocks of 68 KB; sm_86: one). D = 64 always uses 64; decode at D = 128 always 32
+// (fwd_block_k_for).
 #pragma once
 #include "cuda/attention_common.cuh"
 #include "cuda/launch.h"
@@ -54,7 +57,7 @@ struct FwdTraits {
 };
 
 // grid (ceil(Lq / kBlockQ) * num_splits, Hq, B). Output rows are written only for i < Lq.
-template <typename T, int kD, int kBlockK_, bool kCausal, bool kPackGqa>
+template <typename T, int kD, int kBlockK_, bool kCausal, bool kDecode>
 __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
   using Tr = FwdTraits<kD, kBlockK_>;
@@ -69,9 +72,9 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   const int split = blockIdx.x % p.num_splits;
   const int i0 = (blockIdx.x / p.num_splits) * kBlockQ;
   const int b = blockIdx.z;
-  const int head0 = kPackGqa ? blockIdx.y * group : blockIdx.y;  // the block's first query head
-  const int hk = kPackGqa ? blockIdx.y : blockIdx.y / group;     // GQA: K/V read in place
-  const int n_rows = kPackGqa ? group * p.Lq : p.Lq;             // rows of the head group
+  const int head0 = kDecode ? blockIdx.y * group : blockIdx.y;  // the block's first query head
+  const int hk = kDecode ? blockIdx.y : blockIdx.y / group;     // GQA: K/V read in place
+  const int n_rows = kDecode ? group * p.Lq : p.Lq;             // rows of the head group
   const int offset = p.Lk - p.Lq;                                // bottom-right causal alignment
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head0 * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -81,13 +84,13 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   // block skipping: tiles wholly above the diagonal are never loaded).
   const int k_begin = split * p.keys_per_split;
   int k_end = min(p.Lk, k_begin + p.keys_per_split);
-  const int last_query = kPackGqa ? p.Lq - 1 : min(i0 + kBlockQ, p.Lq) - 1;
+  const int last_query = kDecode ? p.Lq - 1 : min(i0 + kBlockQ, p.Lq) - 1;
   if (kCausal) k_end = min(k_end, last_query + 1 + offset);
   const int n_tiles = k_end > k_begin ? (k_end - k_begin + kBlockK - 1) / kBlockK : 0;
   // Decode: whether tile `it` has a key that is not removed (threads tid < kBlockK look at one
-  // key each; the caller ORs over the block). Unpacked: every tile < n_tiles counts as live.
+  // key each; the caller ORs over the block). Prefill: every tile < n_tiles counts as live.
   auto tile_is_live = [&](int it) {
-    if constexpr (kPackGqa) {
+    if constexpr (kDecode) {
       const int j = k_begin + it * kBlockK + int(threadIdx.x);
       return it < n_tiles && int(threadIdx.x) < kBlockK && j < k_end &&
              (!p.key_bias || ptx::ld_global(p.key_bias + b * p.bias_batch_stride + j) != kNegInf);
@@ -100,40 +103,42 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
   const float scale_log2 = p.scale * kLog2e;
   const int wrow = warp * 16 * kMT;       // the warp's first row within the block
-  // The causal horizon of this lane's row (mi, hf): it sees keys j <= horizon(mi, hf). Unpacked,
+  const bool warp_has_rows = i0 + wrow < n_rows;
+  // The causal horizon of this lane's row (mi, hf): it sees keys j <= horizon(mi, hf). Prefill:
   // an affine function of the row, computed where it is used (the tiles that cross the diagonal)
-  // instead of held in registers; packed, row r's query is r % Lq, computed once (a division).
-  int packed_horizon[kPackGqa ? kMT : 1][2];
-  if constexpr (kPackGqa) {
+  // instead of held in registers; decode: row r's query is r % Lq, computed once (a division).
+  int decode_horizon[kDecode ? kMT : 1][2];
+  if constexpr (kDecode) {
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        packed_horizon[mi][hf] = (i0 + wrow + mi * 16 + g + 8 * hf) % p.Lq + offset;
+        decode_horizon[mi][hf] = (i0 + wrow + mi * 16 + g + 8 * hf) % p.Lq + offset;
       }
   }
   auto horizon = [&](int mi, int hf) {
-    if constexpr (kPackGqa) {
-      return packed_horizon[mi][hf];
+    if constexpr (kDecode) {
+      return decode_horizon[mi][hf];
     } else {
       return ptx::opaque(i0 + wrow + g + offset) + mi * 16 + 8 * hf;  // (opaque: not held across the loop)
     }
   };
 
   {  // Q rows by cp.async, each row from its own (head, query); rows past the group zero-filled
-    constexpr int kChunks = kD / 8, kRowStep = kThreads / kChunks;
-    const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+    constexpr int kChunks = kD / 8;
+    static_assert(kBlockQ * kChunks % kThreads == 0, "whole rounds of 16-byte copies");
 #pragma unroll
-    for (int it = 0; it < kBlockQ / kRowStep; ++it) {
-      const int r = i0 + r0 + it * kRowStep;
+    for (int it = 0; it < kBlockQ * kChunks / kThreads; ++it) {
+      const int idx = it * kThreads + int(threadIdx.x), rr = idx / kChunks, c = idx % kChunks;
+      const int r = i0 + rr;
       const bool valid = r < n_rows;
-      const int hq = kPackGqa ? r / p.Lq : 0, i = kPackGqa ? r % p.Lq : r;
+      const int hq = kDecode ? r / p.Lq : 0, i = kDecode ? r % p.Lq : r;
       const T* src = q + (valid ? hq * p.q_head_stride + int64_t(i) * p.q_row_stride : 0) + c * 8;
-      ptx::cp_async_16(sQ + tile_offset<kD>(r0 + it * kRowStep, c), src, valid);
+      ptx::cp_async_16(sQ + tile_offset<kD>(rr, c), src, valid);
     }
   }
   ptx::cp_async_commit();
-  bool live = kPackGqa ? __syncthreads_or(tile_is_live(0)) : tile_is_live(0);
+  bool live = kDecode ? __syncthreads_or(tile_is_live(0)) : tile_is_live(0);
   if (live) {
     cp_async_tile<T, kBlockK, kD, kThreads>(sK, k, p.k_row_stride, k_begin, k_end);
     cp_async_tile<T, kBlockK, kD, kThreads>(sV, v, p.v_row_stride, k_begin, k_end);
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     ptx::cp_async_wait<0>();  // this thread's copies of tile it have landed
     // Everyone's have; every warp is done with tile it - 1; (decode) whether tile it + 1 is live.
     bool next_live;
-    if constexpr (kPackGqa) {
+    if constexpr (kDecode) {
       next_live = __syncthreads_or(tile_is_live(it + 1));
     } else {
       __syncthreads();
@@ -189,7 +194,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     ptx::cp_async_commit();
     const bool compute = live;  // a tile of removed keys changes nothing: skipping it is exact
     live = next_live;
-    if (!compute) continue;
+    if (!compute || !warp_has_rows) continue;
 
     // S = Q K^T. ldmatrix.x4 of K gives the B operands of two key n-tiles.
     float s[kMT][kNT][4];
@@ -222,7 +227,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
     // the softmax runs in base 2 (one FFMA, one FADD and one ex2.approx per element; lse goes
     // back to base e at the end). The bias of this lane's 2 * kNT columns is read once per tile
     // and shared by its rows.
-    const bool causal_tile = kCausal && j0 + kBlockK - 1 > (kPackGqa ? 0 : i0) + offset;
+    const bool causal_tile = kCausal && j0 + kBlockK - 1 > (kDecode ? 0 : i0) + offset;
     // This sample's key_bias row, rebuilt per tile from the parameters (held across the loop it
     // is the 64-bit value ptxas spills at D = 128).
     const float* bias_row = p.key_bias ? p.key_bias + ptx::opaque(b) * p.bias_batch_stride : nullptr;
@@ -396,26 +401,27 @@ __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const Attent
   }
 }
 
-// The key tile at head dim d, packed (decode) or not, on a device with `smem_per_sm` bytes of
-// shared memory per SM: 64 where two blocks of that size fit in an SM, else 32; decode at D = 128
-// always takes 32 (it is bound by reading K/V, and the 64-key tile spills there).
+// The key tile at head dim kD, in decode or prefill, on a device with `smem_per_sm` bytes of
+// shared memory per SM: 64 where two blocks of that size fit in an SM, else 32; decode at
+// D = 128 always takes 32 (it is bound by reading K/V, and the 64-key tile spills there).
 // bench/kernel_profile.py asks it too.
-constexpr int fwd_block_k_for(int d, bool pack, int smem_per_sm) {
+template <int kD>
+constexpr int fwd_block_k_for(bool decode, int smem_per_sm) {
   constexpr int kReservedPerBlock = 1024;  // the driver's per-block reservation (sm_80+)
-  if (d <= 64) return 64;
-  return !pack && 2 * (FwdTraits<128, 64>::kSmemBytes + kReservedPerBlock) <= smem_per_sm ? 64 : 32;
+  if (kD <= 64) return 64;
+  return !(decode && kD == 128) && 2 * (FwdTraits<kD, 64>::kSmemBytes + kReservedPerBlock) <= smem_per_sm ? 64 : 32;
 }
 
-template <typename T, int kD, int kBlockK, bool kPack>
+template <typename T, int kD, int kBlockK, bool kDecode>
 void run_attention_fwd_tiles(const AttentionFwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD, kBlockK>;
   static_assert(Tr::kBlockQ == kFwdBlockQ && kSplitKeyGranule % Tr::kBlockK == 0, "launch.h's constants");
   const int n_qblocks = int(fwd_row_blocks(p.Lq, p.Hq, p.Hkv));
   BOOL_SWITCH(p.causal, kCausal, [&] {
-    auto kernel = &attention_fwd_kernel<T, kD, kBlockK, kCausal, kPack>;
+    auto kernel = &attention_fwd_kernel<T, kD, kBlockK, kCausal, kDecode>;
     // Above 48 KB a block's dynamic shared memory must be opted into per kernel.
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    const dim3 grid(n_qblocks * p.num_splits, kPack ? p.Hkv : p.Hq, p.B);
+    const dim3 grid(n_qblocks * p.num_splits, kDecode ? p.Hkv : p.Hq, p.B);
     kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   });
   if (p.num_splits > 1) {
@@ -429,17 +435,17 @@ void run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   int dev = 0, smem_per_sm = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  const bool pack = fwd_packs_gqa(p.Lq, p.Hq, p.Hkv);
-  const int block_k = fwd_block_k_for(kD, pack, smem_per_sm);
-  BOOL_SWITCH(pack, kPack, [&] {
+  const bool decode = fwd_decodes(p.Lq);
+  const int block_k = fwd_block_k_for<kD>(decode, smem_per_sm);
+  BOOL_SWITCH(decode, kDecode, [&] {
     if constexpr (kD <= 64) {
-      run_attention_fwd_tiles<T, kD, 64, kPack>(p, stream);
-    } else if constexpr (kPack) {
-      run_attention_fwd_tiles<T, kD, 32, kPack>(p, stream);
+      run_attention_fwd_tiles<T, kD, 64, kDecode>(p, stream);
+    } else if constexpr (kDecode && kD == 128) {
+      run_attention_fwd_tiles<T, kD, 32, kDecode>(p, stream);
     } else if (block_k == 64) {
-      run_attention_fwd_tiles<T, kD, 64, kPack>(p, stream);
+      run_attention_fwd_tiles<T, kD, 64, kDecode>(p, stream);
     } else {
-      run_attention_fwd_tiles<T, kD, 32, kPack>(p, stream);
+      run_attention_fwd_tiles<T, kD, 32, kDecode>(p, stream);
     }
   });
 }

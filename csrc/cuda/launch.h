@@ -20,7 +20,7 @@ void soft_mask_bwd_launch(const SoftMaskParams& p, int dtype, cudaStream_t strea
 enum class AttnDtype { kFloat16, kBFloat16 };
 
 // One explicit specialisation per (dtype, head dim) in attention_{fwd,bwd}_<dtype>_hdim<D>.cu,
-// so ninja compiles them in parallel. kD is 64 or 128.
+// so ninja compiles them in parallel. kD is 64, 96 or 128.
 template <AttnDtype kDtype, int kD>
 void attention_fwd_run(const AttentionFwdParams& p, cudaStream_t stream);
 template <AttnDtype kDtype, int kD>
@@ -30,17 +30,25 @@ void attention_bwd_run(const AttentionBwdParams& p, cudaStream_t stream);
 template <>
 void attention_fwd_run<AttnDtype::kFloat16, 64>(const AttentionFwdParams& p, cudaStream_t stream);
 template <>
+void attention_fwd_run<AttnDtype::kFloat16, 96>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
 void attention_fwd_run<AttnDtype::kFloat16, 128>(const AttentionFwdParams& p, cudaStream_t stream);
 template <>
 void attention_fwd_run<AttnDtype::kBFloat16, 64>(const AttentionFwdParams& p, cudaStream_t stream);
+template <>
+void attention_fwd_run<AttnDtype::kBFloat16, 96>(const AttentionFwdParams& p, cudaStream_t stream);
 template <>
 void attention_fwd_run<AttnDtype::kBFloat16, 128>(const AttentionFwdParams& p, cudaStream_t stream);
 template <>
 void attention_bwd_run<AttnDtype::kFloat16, 64>(const AttentionBwdParams& p, cudaStream_t stream);
 template <>
+void attention_bwd_run<AttnDtype::kFloat16, 96>(const AttentionBwdParams& p, cudaStream_t stream);
+template <>
 void attention_bwd_run<AttnDtype::kFloat16, 128>(const AttentionBwdParams& p, cudaStream_t stream);
 template <>
 void attention_bwd_run<AttnDtype::kBFloat16, 64>(const AttentionBwdParams& p, cudaStream_t stream);
+template <>
+void attention_bwd_run<AttnDtype::kBFloat16, 96>(const AttentionBwdParams& p, cudaStream_t stream);
 template <>
 void attention_bwd_run<AttnDtype::kBFloat16, 128>(const AttentionBwdParams& p, cudaStream_t stream);
 
@@ -48,18 +56,19 @@ void attention_bwd_run<AttnDtype::kBFloat16, 128>(const AttentionBwdParams& p, c
 constexpr int kSplitKeyGranule = 64;
 // Query rows per forward block (every head dim).
 constexpr int kFwdBlockQ = 128;
-// Decoding against a GQA cache (Lq <= 16, Hq > Hkv): a forward block packs the rows of the
-// Hq / Hkv query heads that share a KV head, so each K/V tile is read once for all of them.
-inline bool fwd_packs_gqa(int64_t Lq, int64_t Hq, int64_t Hkv) { return Lq <= 16 && Hq > Hkv; }
+// Decoding (Lq <= 16): a forward block packs the rows of the Hq / Hkv query heads that share a KV
+// head (one head without GQA), so each K/V tile is read once for all of them, skips the key
+// tiles whose keys are all removed, and only the warps that hold real rows compute.
+inline bool fwd_decodes(int64_t Lq) { return Lq <= 16; }
 // Query-row blocks per (batch, head group); a head group is one KV head's query heads when
-// packed, one query head otherwise.
+// decoding, one query head otherwise.
 inline int64_t fwd_row_blocks(int64_t Lq, int64_t Hq, int64_t Hkv) {
-  const int64_t rows = fwd_packs_gqa(Lq, Hq, Hkv) ? Hq / Hkv * Lq : Lq;
+  const int64_t rows = fwd_decodes(Lq) ? Hq / Hkv * Lq : Lq;
   return (rows + kFwdBlockQ - 1) / kFwdBlockQ;
 }
 // Blocks of a forward launch before split-K.
 inline int64_t fwd_blocks(int64_t B, int64_t Lq, int64_t Hq, int64_t Hkv) {
-  return B * (fwd_packs_gqa(Lq, Hq, Hkv) ? Hkv : Hq) * fwd_row_blocks(Lq, Hq, Hkv);
+  return B * (fwd_decodes(Lq) ? Hkv : Hq) * fwd_row_blocks(Lq, Hq, Hkv);
 }
 
 // The backward's tiles (attention_bwd.cuh): a block owns bwd_block_n keys and walks the queries
@@ -105,7 +114,7 @@ inline void attention_bwd_launch(const AttentionBwdParams& p, AttnDtype dtype, c
 // Requires p.D <= kCrossScoresMaxHeadDim; on tensor cores, q and k tile-loadable (as the
 // attention kernels need them).
 constexpr int kCrossScoresMaxHeadDim = 256;
-inline bool cross_scores_on_tensor_cores(int dtype, int D) { return dtype != 2 && (D == 64 || D == 128); }
+inline bool cross_scores_on_tensor_cores(int dtype, int D) { return dtype != 2 && (D == 64 || D == 96 || D == 128); }
 void cross_scores_launch(const CrossScoresParams& p, int dtype, cudaStream_t stream);
 
 }  // namespace atp::cuda

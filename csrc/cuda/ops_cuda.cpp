@@ -69,8 +69,8 @@ cuda::AttnDtype attention_dtype(const char* op, const at::Tensor& q) {
 }
 
 void check_attention_cuda_shape(const char* op, const AttentionShape& s) {
-  TORCH_CHECK(s.D == 64 || s.D == 128, op,
-              ": the CUDA kernels support head dim D = 64 or 128, got D = ", s.D);
+  TORCH_CHECK(s.D == 64 || s.D == 96 || s.D == 128, op,
+              ": the CUDA kernels support head dim D = 64, 96 or 128, got D = ", s.D);
   TORCH_CHECK(s.B <= 65535 && s.Hq <= 65535, op,
               ": at most 65535 samples and 65535 query heads per call on CUDA, got B = ", s.B,
               ", Hq = ", s.Hq);

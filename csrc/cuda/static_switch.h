@@ -20,6 +20,9 @@
     if ((HEADDIM) <= 64) {                       \
       constexpr static int CONST_NAME = 64;      \
       return __VA_ARGS__();                      \
+    } else if ((HEADDIM) <= 96) {                \
+      constexpr static int CONST_NAME = 96;      \
+      return __VA_ARGS__();                      \
     } else {                                     \
       constexpr static int CONST_NAME = 128;     \
       return __VA_ARGS__();                      \

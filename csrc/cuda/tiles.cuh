@@ -35,16 +35,21 @@ __device__ __forceinline__ void zero_fragments(float (&c)[kM][kN][4]) {
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void cp_async_tile(T* tile, const T* src, int64_t row_stride, int row0,
                                               int n_rows) {
+  // Thread i copies chunk i % kChunks of rows i / kChunks + kRowStep r, round r. Where kChunks
+  // does not divide kThreads (D = 96: 12 chunks a row), the last kThreads % kChunks threads idle
+  // and the rows run out within a round.
   constexpr int kChunks = kD / 8;
   constexpr int kRowStep = kThreads / kChunks;  // rows per round
-  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "whole rounds of 16-byte copies");
+  constexpr int kRounds = (kRows + kRowStep - 1) / kRowStep;
+  constexpr bool kWhole = kThreads % kChunks == 0 && kRows % kRowStep == 0;
   const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
   T* dst = tile + tile_offset<kD>(r0, c);
   const T* from = src + int64_t(row0 + r0) * row_stride + c * 8;
   const int64_t step = kRowStep * row_stride;  // one pointer bump per round: no hoisted offsets
   const int left = n_rows - row0 - r0;         // rows of this thread's phase still in range
 #pragma unroll
-  for (int it = 0; it < kRows / kRowStep; ++it, from += step) {
+  for (int it = 0; it < kRounds; ++it, from += step) {
+    if (!kWhole && (r0 >= kRowStep || r0 + it * kRowStep >= kRows)) continue;
     const bool valid = it * kRowStep < left;
     ptx::cp_async_16(dst + it * kRowStep * (kD + 8), valid ? from : src, valid);
   }

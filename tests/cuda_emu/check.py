@@ -352,7 +352,8 @@ ALL += [
     partial(case, 1, 2, 2, 129, 129, 64, torch.bfloat16, True, bias_kind="none", seed=4),
     partial(cross_case, 1, 8, 2, 90, 700, 128, torch.bfloat16, True, seed=5),
     partial(cross_case, 3, 2, 1, 40, 90, 64, torch.float16, True, seed=6),  # sample 2: no rows
-    partial(cross_case, 2, 4, 2, 60, 130, 96, torch.bfloat16, True, seed=7),  # D = 96: the scalar kernel
+    partial(cross_case, 2, 4, 2, 60, 130, 96, torch.bfloat16, True, seed=7),  # D = 96 on tensor cores
+    partial(cross_case, 2, 4, 2, 60, 130, 80, torch.float16, True, seed=7),  # D = 80: the scalar kernel
     partial(cross_case, 1, 6, 2, 300, 200, 128, torch.float16, False, seed=8),  # 150+ rows: many items
     partial(mask_case, 2, 4, 2, 70, 300, 64, torch.float16, True),
     partial(mask_case, 2, 2, 1, 100, 200, 128, torch.bfloat16, False, seed=1),
@@ -369,7 +370,7 @@ ALL += [
 # decode against a pruned 2880-key cache, and both key tiles of D = 128 (sm_90 and sm_80).
 GPU_SUITE = []
 for _dtype in (torch.float16, torch.bfloat16):
-    for _D in (64, 128):
+    for _D in (64, 96, 128):
         for _causal in (False, True):
             for _i, (_lq, _lk) in enumerate([(1, 1), (17, 129), (64, 64), (129, 100), (200, 1000)]):
                 GPU_SUITE.append(partial(case, 2, 4, 2, _lq, _lk, _D, _dtype, _causal, layout=("blhd", "contig")[_i % 2],
@@ -396,6 +397,10 @@ GPU_SUITE += [
     # the backward's key blocks dealt to several blocks per head (each with its own dQ slice)
     partial(case, 1, 2, 1, 150, 600, 128, torch.float16, True, bwd_splits=3, seed=20),
     partial(case, 2, 2, 2, 200, 300, 64, torch.bfloat16, False, bwd_splits=2, arch="sm_86", seed=21),
+    # D = 96: decode (MHA, split-K, pruned cache), both key tiles and the sm_86 backward tiles
+    partial(case, 2, 4, 4, 1, 2880, 96, torch.bfloat16, True, bias_kind="pruned_range", splits=4, do_bwd=False, seed=25),
+    partial(case, 1, 4, 2, 150, 333, 96, torch.float16, True, arch="sm_80", seed=26),
+    partial(case, 1, 2, 2, 130, 200, 96, torch.bfloat16, False, arch="sm_86", bwd_splits=2, seed=27),
     partial(skip_case, 2, 8, 2, 1, 2880, 128, torch.float16, False, splits=4, seed=15),
     partial(skip_case, 1, 16, 4, 4, 2100, 64, torch.bfloat16, True, splits=1, seed=16),
 ]

@@ -25,10 +25,13 @@ extern "C" void emu_fwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
   fill(p, B, Hq, Hkv, Lq, Lk, D, q, qs, k, ks, v, vs, bias, bias_stride, scale, causal);
   p.out = out; p.lse = lse; p.num_splits = num_splits; p.keys_per_split = keys_per_split;
   p.out_accum = out_accum; p.lse_accum = lse_accum;
-  if (dtype == 0 && D == 64) run_attention_fwd<__half, 64>(p, nullptr);
-  if (dtype == 0 && D == 128) run_attention_fwd<__half, 128>(p, nullptr);
-  if (dtype == 1 && D == 64) run_attention_fwd<__nv_bfloat16, 64>(p, nullptr);
-  if (dtype == 1 && D == 128) run_attention_fwd<__nv_bfloat16, 128>(p, nullptr);
+  HEADDIM_SWITCH(D, kD, [&] {
+    if (dtype == 0) {
+      run_attention_fwd<__half, kD>(p, nullptr);
+    } else {
+      run_attention_fwd<__nv_bfloat16, kD>(p, nullptr);
+    }
+  });
 }
 
 extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D, const void* q,
@@ -47,10 +50,13 @@ extern "C" void emu_bwd(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D
   p.dbias_accum = dbias;
   p.grad_bias = grad_bias; p.grad_bias_batch_stride = grad_bias_stride;
   p.num_splits = num_splits; p.dq_accum = dq_accum;
-  if (dtype == 0 && D == 64) run_attention_bwd<__half, 64>(p, nullptr);
-  if (dtype == 0 && D == 128) run_attention_bwd<__half, 128>(p, nullptr);
-  if (dtype == 1 && D == 64) run_attention_bwd<__nv_bfloat16, 64>(p, nullptr);
-  if (dtype == 1 && D == 128) run_attention_bwd<__nv_bfloat16, 128>(p, nullptr);
+  HEADDIM_SWITCH(D, kD, [&] {
+    if (dtype == 0) {
+      run_attention_bwd<__half, kD>(p, nullptr);
+    } else {
+      run_attention_bwd<__nv_bfloat16, kD>(p, nullptr);
+    }
+  });
 }
 
 extern "C" void emu_cross(int dtype, int B, int Hq, int Hkv, int Lq, int Lk, int D, const void* q,

@@ -298,14 +298,6 @@ inline void on_write(const void* p, size_t bytes, const char* what, bool landing
     s[i].write = now(tid);
   }
 }
-// Unchecked bounds test for the WMMA shim (its lane 0 reads on behalf of the warp).
-inline void check_smem(const void* p, size_t bytes) {
-  auto* c = static_cast<const unsigned char*>(p);
-  auto* s = cur->block->smem;
-  if (c >= s && c < s + cur->block->smem_bytes + 4096 && c + bytes > s + cur->block->smem_bytes)
-    fail("shared memory overrun");
-}
-
 // ---- shuffles -----------------------------------------------------------------------------------
 // Lane l receives `v` of lane src(l); a source outside the warp returns the lane's own value.
 template <class T>

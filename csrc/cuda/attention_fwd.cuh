@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(FwdTraits<kD, kBlockK_>::kThreads)
   const int head0 = kDecode ? blockIdx.y * group : blockIdx.y;  // the block's first query head
   const int hk = kDecode ? blockIdx.y : blockIdx.y / group;     // GQA: K/V read in place
   const int n_rows = kDecode ? group * p.Lq : p.Lq;             // rows of the head group
-  const int offset = p.Lk - p.Lq;                                // bottom-right causal alignment
+  const int offset = p.Lk - p.Lq;                               // bottom-right causal alignment
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + head0 * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;

@@ -80,6 +80,19 @@ def layer_lengths(model):
 # the pruned forward
 
 
+def pruned_and_masked(model, batch):
+    """The eval forward of `batch` with real pruning, then on the training path (hard masks, every
+    token kept in place): both outputs, after checking that each took its path and that both kept
+    the same token counts."""
+    with torch.no_grad():
+        pruned = model(**batch)
+        model.atp.config.prune_in_eval = False
+        masked = model(**batch)
+    assert pruned.atp_stats["pruned"] and not masked.atp_stats["pruned"]
+    assert torch.equal(pruned.atp_stats["tokens"], masked.atp_stats["tokens"])
+    return pruned, masked
+
+
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["adaptive", "fixed", "fastv"])
 def test_training_path_with_hard_masks_equals_real_pruning(mixed, decoder, mode):
@@ -87,12 +100,7 @@ def test_training_path_with_hard_masks_equals_real_pruning(mixed, decoder, mode)
           "fastv": {"layers": (2,), "fixed_keep": (150,)}}[mode]
     model = atp(tiny_llava(4, decoder=decoder).double(), mode=mode, **kw)
     lengths = layer_lengths(model)
-    with torch.no_grad():
-        pruned = model(**mixed)
-        model.atp.config.prune_in_eval = False
-        masked = model(**mixed)
-    assert pruned.atp_stats["pruned"] and not masked.atp_stats["pruned"]
-    assert torch.equal(pruned.atp_stats["tokens"], masked.atp_stats["tokens"])
+    pruned, masked = pruned_and_masked(model, mixed)
     for a, b in zip(pruned.atp_stats["keep_codes"], masked.atp_stats["keep_codes"]):
         assert torch.equal(a, b)
     keep = survivors(mixed, pruned.atp_stats)

@@ -64,6 +64,17 @@ def atp_params(model):
     return {n: p for n, p in model.named_parameters() if n.startswith("atp.")}
 
 
+def train_atp(model, batch, steps=2, lr=1e-2):
+    """`steps` AdamW steps of the ATP parameters alone on `batch`: moves them away from their
+    initialisation."""
+    opt = torch.optim.AdamW(atp_params(model).values(), lr=lr)
+    for _ in range(steps):
+        out = model(**batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+
 # ----------------------------------------------------------------------------------------------
 # building blocks
 
@@ -319,12 +330,7 @@ def test_eval_uses_hard_masks(batch3):
 
 def test_save_load_round_trip(tmp_path, batch3):
     model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), target_tokens=200, mlp_width=32)).train()
-    opt = torch.optim.AdamW(atp_params(model).values(), lr=1e-2)
-    for _ in range(2):  # move the weights away from their initialisation
-        out = model(**batch3)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    train_atp(model, batch3)
     path = tmp_path / "atp.safetensors"
     save_atp(model, path)
     assert read_atp_config(path) == model.atp.config

@@ -22,6 +22,8 @@ from atp_llava.efficiency import layer_flops  # noqa: E402
 from atp_llava.layout import valid_mask  # noqa: E402
 from atp_llava.tiny import (ONEVISION_VIDEO, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, TINY_FAMILIES, TINY_IMAGE_TOKEN,  # noqa: E402
                             family_batch)
+from test_llava_inference import pruned_and_masked  # noqa: E402
+from test_llava_training import train_atp  # noqa: E402
 
 KEEP_ALL = (-5.0, -5.0)
 THETA = (0.5, 0.5)
@@ -207,12 +209,7 @@ def test_a_few_steps_then_save_and_load_give_the_same_thresholds(family, tmp_pat
     model = apply_atp(TINY_FAMILIES[family](num_layers=4), ATPConfig(layers=(1, 2, 3), target_ratio=0.3,
                                                                     mlp_width=32)).train()
     batch = family_batch(model, IMAGES[family])
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith("atp.")], lr=1e-2)
-    for _ in range(2):
-        out = model(**batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    train_atp(model, batch)
     path = tmp_path / "atp.safetensors"
     save_atp(model, path)
     assert read_atp_config(path) == model.atp.config
@@ -230,12 +227,7 @@ def test_a_few_steps_then_save_and_load_give_the_same_thresholds(family, tmp_pat
 def test_real_pruning_equals_the_training_path_with_hard_masks(stock, family):
     model = atp(stock)
     batch = batch_of(stock, family, padding="left")
-    with torch.no_grad():
-        pruned = model(**batch)
-        model.atp.config.prune_in_eval = False
-        masked = model(**batch)
-    assert pruned.atp_stats["pruned"] and not masked.atp_stats["pruned"]
-    assert torch.equal(pruned.atp_stats["tokens"], masked.atp_stats["tokens"])
+    pruned, masked = pruned_and_masked(model, batch)
     lay = layout_of(model, batch)
     assert (pruned.atp_stats["tokens"][:, -1] < lay.tokens_per_image - 0.5).all()  # it pruned, every sample
     keep = survivors(model, batch, pruned.atp_stats)

@@ -13,6 +13,7 @@ they run on.
 """
 from __future__ import annotations
 
+import abc
 import weakref
 from typing import Any, Dict, Optional, Tuple, Type
 
@@ -25,7 +26,7 @@ from ..layout import ImageTokens
 __all__ = ["ModelAdapter", "adapter_for", "register_adapter", "SUPPORTED_MODELS", "REFUSED"]
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """What the ATP step needs from one model family (subclass per family, ``register_adapter``).
 
     Class attributes:
@@ -96,20 +97,20 @@ class ModelAdapter:
 
     # -- per batch ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def image_tokens(self, inputs: Dict[str, Any], valid: torch.Tensor) -> ImageTokens:
         """The images of the batch ``inputs`` (the model's forward arguments by name) whose
         real tokens are ``valid`` (B, L) bool."""
-        raise NotImplementedError
 
     def vision_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: the placeholders the vision encoder's output fills (decoding refuses
         them; a sample with one has an image)."""
         return input_ids == self.model.config.image_token_id
 
+    @abc.abstractmethod
     def null_vision(self) -> torch.Tensor:
         """0 times the vision encoder's and projector's output on one zero image (a batch without
         images under torch.distributed runs them as a batch with images does)."""
-        raise NotImplementedError
 
 
 _ADAPTERS: Dict[str, Type[ModelAdapter]] = {}

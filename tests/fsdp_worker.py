@@ -4,7 +4,8 @@ FSDP2 (atp_llava.distributed.shard_fsdp2), for tests/test_llava_fsdp.py:
 
 Rank r trains on examples (2r, 2r + 1) of each step's batch (fsdp_batches): rank 1's first
 batch has no image. Each rank writes OUT_DIR/rank{r}.pt (the ATP parameters after the steps,
-gathered, each step's loss, the eval logits and atp_stats, the generated tokens); rank 0 writes
+gathered, each step's loss and budget weight, the eval logits and atp_stats, the generated
+tokens); rank 0 writes
 OUT_DIR/atp.safetensors (save_atp from the shards).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard_fsdp2(apply_atp(tiny_llava(4, seed=0), ATPConfig(**CONFIG)).train())
     opt = torch.optim.AdamW(atp_params(model).values(), lr=LR)
-    losses, ran = [], []
+    losses, ran, weights = [], [], []
     for step in range(STEPS):
         opt.zero_grad()
         out = model(**rank_batch(step, rank, world), use_cache=False)
@@ -66,6 +67,7 @@ def main():
         opt.step()
         losses.append(float(out.loss.detach()))
         ran.append(out.atp_stats["tokens"].shape[1])
+        weights.append(float(model.atp.budget_weight))  # ATPConfig.budget_control: all-reduced
     params = {n: p.full_tensor().detach().clone() for n, p in atp_params(model).items()}
     model.eval()
     prompts = eval_prompts(rank)
@@ -73,7 +75,7 @@ def main():
         ev = model(**prompts)
         gen = model.generate(**prompts, max_new_tokens=3, do_sample=False)
     save_atp(model, os.path.join(out_dir, "atp.safetensors"))
-    torch.save({"params": params, "losses": losses, "ran": ran, "logits": ev.logits,
+    torch.save({"params": params, "losses": losses, "ran": ran, "weights": weights, "logits": ev.logits,
                 "tokens": ev.atp_stats["tokens"], "pruned": ev.atp_stats["pruned"], "generated": gen},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

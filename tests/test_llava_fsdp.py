@@ -15,6 +15,7 @@ pytest.importorskip("safetensors")
 
 import fsdp_worker as worker  # noqa: E402
 from atp_llava import ATPConfig, apply_atp, load_atp  # noqa: E402
+from atp_llava.losses import adapt_budget_weight, budget_error  # noqa: E402
 from atp_llava.tiny import tiny_llava  # noqa: E402
 
 
@@ -35,14 +36,26 @@ def reference():
     ranks' gradients), AdamW with the worker's settings."""
     model = apply_atp(tiny_llava(4, seed=0), ATPConfig(**worker.CONFIG)).train()
     opt = torch.optim.AdamW(worker.atp_params(model).values(), lr=worker.LR)
-    losses = []
+    cfg = model.atp.config
+    losses, weights = [], []
     for step in range(worker.STEPS):
         opt.zero_grad()
-        outs = [model(**worker.rank_batch(step, r), use_cache=False) for r in range(2)]
+        weight = model.atp.budget_weight.clone()
+        outs = []
+        for r in range(2):  # both with the step's weight, as the two ranks' forwards run
+            model.atp.budget_weight.copy_(weight)
+            outs.append(model(**worker.rank_batch(step, r), use_cache=False))
         ((outs[0].loss + outs[1].loss) / 2).backward()
         opt.step()
         losses.append([float(o.loss.detach()) for o in outs])
-    return model.eval(), losses
+        # the ranks step the weight once, on their all-reduced counts
+        sums = sum(torch.stack([o.atp_stats["n_bar_batch"] * n, o.atp_stats["n_target"] * n, n])
+                   for o in outs for n in [(o.atp_stats["images_per_sample"] > 0).sum().float()])
+        adapt_budget_weight(weight, budget_error(torch.cat([sums, torch.ones(1)])), cfg.lambda_target,
+                            cfg.weight_rate, cfg.budget_tolerance)
+        model.atp.budget_weight.copy_(weight)
+        weights.append(float(weight))
+    return model.eval(), losses, weights
 
 
 def test_fsdp2_two_ranks_train_like_one_process(fsdp_run, reference):
@@ -50,8 +63,9 @@ def test_fsdp2_two_ranks_train_like_one_process(fsdp_run, reference):
     through the same layers), match the one-process run: losses and ATP parameters to 1e-5
     relative (float32; the sums run in another order)."""
     _, ranks = fsdp_run
-    ref, ref_losses = reference
-    init = apply_atp(tiny_llava(4, seed=0), ATPConfig(**worker.CONFIG)).atp.state_dict()
+    ref, ref_losses, ref_weights = reference
+    fresh = apply_atp(tiny_llava(4, seed=0), ATPConfig(**worker.CONFIG)).atp
+    init = {k: p.detach() for k, p in fresh.named_parameters()}
     for r, run in enumerate(ranks):
         assert run["ran"] == [3, 3], "an ATP layer did not run"
         assert run["losses"] == pytest.approx([l[r] for l in ref_losses], rel=1e-5)
@@ -60,6 +74,9 @@ def test_fsdp2_two_ranks_train_like_one_process(fsdp_run, reference):
     assert any(not torch.equal(ranks[0]["params"]["atp." + k], v) for k, v in init.items()), "nothing trained"
     for n in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
+    # the budget weight: the same on both ranks, the one-process value, grown (N_bar > target)
+    assert ranks[0]["weights"] == ranks[1]["weights"] == pytest.approx(ref_weights, rel=1e-6)
+    assert ranks[0]["weights"][0] > ATPConfig().lambda_target
 
 
 def test_fsdp2_eval_generate_and_save_match_an_unsharded_model(fsdp_run, reference):
@@ -68,7 +85,7 @@ def test_fsdp2_eval_generate_and_save_match_an_unsharded_model(fsdp_run, referen
     token counts and generated tokens exactly, and the one-process model (trained on its own)
     the same tokens and logits to 1e-4."""
     out, ranks = fsdp_run
-    ref, _ = reference
+    ref, _, _ = reference
     fresh = load_atp(tiny_llava(4, seed=0), out / "atp.safetensors").eval()
     for n, p in worker.atp_params(fresh).items():
         assert torch.equal(p, ranks[0]["params"][n]), n

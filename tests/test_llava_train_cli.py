@@ -76,6 +76,15 @@ def test_cli_defaults_are_atpconfig_and_optim_defaults():
     cfg = config_from_args(args)
     got = (cfg.mlp_inputs, cfg.budget, cfg.min_keep, cfg.target_loss, cfg.target_delta)
     assert got == ("raw", "soft", 0, "l1", 3.0)
+    # the paper's fixed-weight penalty and plain sigmoid, the budget weight's settings, random mode
+    args = build_parser().parse_args(["--tiny", "--synthetic", "1", "--budget-control", "penalty", "--logit-bound",
+                                      "none", "--weight-rate", "0.5", "--budget-tolerance", "0.01",
+                                      "--init-spatial-threshold", "0.9", "--layers", "1,2", "--mode", "random",
+                                      "--fixed-keep", "9,3", "--random-seed", "4", "--train-lm"])
+    cfg = config_from_args(args)
+    got = (cfg.budget_control, cfg.logit_bound, cfg.weight_rate, cfg.budget_tolerance, cfg.init_spatial_threshold,
+           cfg.mode, cfg.fixed_keep, cfg.random_seed)
+    assert got == ("penalty", None, 0.5, 0.01, 0.9, "random", (9, 3), 4)
 
 
 def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):
@@ -125,6 +134,7 @@ def test_step_log_has_soft_and_hard_counts(tmp_path):
     assert "lr_atp" in rec and rec["lr_atp"] == DEFAULT_LR_ATP
     for layer in (1, 2, 3):
         assert f"tokens_l{layer}" in rec and f"tokens_l{layer}" in header
+    assert rec["budget_weight"] == pytest.approx(ATPConfig().lambda_target) and "budget_weight" in header
     # Keys the ATP step hands over when it has them (atp_stats tokens_soft / tokens_hard / n_bar_hard).
     model = apply_atp(tiny_llava(4), ATPConfig(target_tokens=TARGET)).train()
     stats = model(**synthetic_batch(2), use_cache=False).atp_stats

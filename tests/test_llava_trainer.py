@@ -71,6 +71,9 @@ def test_accumulation_and_processes_give_the_whole_batchs_gradients(tmp_path, pl
         for key in ("atp/n_bar_hard", "atp/loss_atp", "atp/loss_target", "atp/tokens_l1", "atp/tokens_l3",
                     "atp/theta_r_l2", "atp/theta_s_l3"):
             assert logs[key] == pytest.approx(whole["log_history"][0][key], rel=1e-5), f"{name}: {key}"
+        # the budget weight stepped once, on the whole batch, the same on every rank
+        assert run["weights"] == pytest.approx([whole["weights"][0]] * len(run["weights"]), rel=1e-6), name
+        assert logs["atp/budget_weight"] == pytest.approx(whole["weights"][0], rel=1e-6)  # as it stands at the log
         cfg = ATPConfig()  # the worker's target loss (default kind and delta)
         linear = target_loss(torch.tensor(logs["atp/n_bar"]), TARGET, cfg.target_loss, cfg.target_delta)
         assert logs["atp/loss_target"] == pytest.approx(float(linear), rel=1e-5)  # past delta: linear in N_bar
@@ -108,7 +111,8 @@ def test_atp_trainer_refuses_a_model_without_atp(tmp_path):
 def test_budget_share_needs_num_items_in_batch():
     from test_llava_training import make_batch
 
-    model = apply_atp(tiny_llava(2, seed=0), ATPConfig(layers=(1,), target_tokens=400)).train()
+    # the fixed-weight budget: the forwards compared see the same weight
+    model = apply_atp(tiny_llava(2, seed=0), ATPConfig(layers=(1,), target_tokens=400, budget_control="penalty")).train()
     batch = make_batch([600, 596], ["right", "left"])
     with pytest.raises(ValueError, match=SAMPLES_IN_BATCH):
         model(**batch, **{SAMPLES_IN_BATCH: torch.tensor(4)})
@@ -137,6 +141,8 @@ def test_deepspeed_zero3_two_ranks_match_the_whole_batch(tmp_path, monkeypatch):
     held, total = zero3["partition"]
     assert held * 2 <= total + 18, "each rank holds about half of every ATP parameter"
     assert sum(zero3["n_bars"], [])[2] == 0.0  # rank 1's first micro-batch had no image
+    assert zero3["weights"] == pytest.approx([whole["weights"][0]] * 2, rel=1e-6)  # stepped once, on every rank
+    assert whole["weights"][0] > ATPConfig().lambda_target
     torch.testing.assert_close(zero3["log_history"][0]["loss"], whole["log_history"][0]["loss"], rtol=1e-5, atol=0)
     for n, p in whole["params"].items():
         torch.testing.assert_close(zero3["params"][n], p, rtol=1e-5, atol=1e-9, msg=n)

@@ -4,8 +4,9 @@
 
 One optimizer step (SGD, constant learning rate, no clipping) on the first B x N x W examples of
 a fixed dataset, taken in order; rank 0 writes to OUT (torch.save) the ATP parameters' gradients
-at the optimizer step, the parameters after it, Trainer's log history and every forward's
-N_bar, so that runs with different B, N and W can be compared.
+at the optimizer step, the parameters after it, Trainer's log history, every forward's N_bar and
+every rank's budget weight after the step, so that runs with different B, N and W can be
+compared.
 """
 from __future__ import annotations
 
@@ -108,14 +109,16 @@ def main():
         trainer = ATPTrainer(model=model, args=args, train_dataset=data, data_collator=collate,
                              callbacks=[record], lr_atp=0.5)
     trainer.train()
-    n_bars = [None] * world
+    n_bars, weights = [None] * world, [None] * world
     if world > 1:
         torch.distributed.all_gather_object(n_bars, record.n_bars)
+        torch.distributed.all_gather_object(weights, float(model.atp.budget_weight))
     else:
-        n_bars = [record.n_bars]
+        n_bars, weights = [record.n_bars], [float(model.atp.budget_weight)]
     with _gathered(model.atp):  # whole under ZeRO-3
         params = {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("atp.")}
     result = {"grads": record.grads, "log_history": trainer.state.log_history, "n_bars": n_bars, "params": params,
+              "weights": weights,
               "lrs": [g["lr"] for g in trainer.optimizer.param_groups]}
     if a.deepspeed:
         result["zero_stage"] = trainer.model_wrapped.zero_optimization_stage()

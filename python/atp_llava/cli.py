@@ -4,7 +4,8 @@
     --model DIR                 a saved Hugging Face LlavaForConditionalGeneration
     --atp FILE                  ATP weights and config saved by atp_llava.save_atp, or else
     --layers 1,2,3 --theta R S  ATP layers with fixed thresholds (theta_override), or
-    --mode fastv --layers K --keep N   the FastV baseline (fixed-ratio: --mode fixed --keep a,b,c)
+    --mode fastv --layers K --keep N   the FastV baseline (fixed-ratio: --mode fixed --keep a,b,c;
+                                       random selection at those counts: --mode random --keep a,b,c)
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="DIR", help="a saved Hugging Face LLaVA (LlavaForConditionalGeneration)")
     p.add_argument("--tiny-layers", type=int, default=4, help="decoder layers of --tiny")
     p.add_argument("--tiny-decoder", default="llama", choices=("llama", "qwen2"))
-    p.add_argument("--seed", type=int, default=0, help="--tiny weights; synthetic prompts and images")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--tiny weights; synthetic prompts and images; --mode random's draws")
     p.add_argument("--atp", metavar="FILE", help="trained ATP weights (atp_llava.io.save_atp); their config is used")
     p.add_argument("--layers", type=_ints, default=None,
                    help="without --atp: ATP layer indexes, comma-separated (default: 1,2,3 with --tiny, else 4,14,24)")
@@ -38,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-threshold", type=float, default=None,
                    help="--tiny without --atp or --theta: the untrained thresholds (default 0.5)")
     p.add_argument("--mode", default="adaptive", choices=MODES, help="without --atp: ATP, or a baseline")
-    p.add_argument("--keep", type=_ints, default=None, help="--mode fixed/fastv: tokens kept per ATP layer")
+    p.add_argument("--keep", type=_ints, default=None, help="--mode fixed/fastv/random: tokens kept per ATP layer")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
@@ -73,7 +75,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     else:
         layers = args.layers or ((1, 2, 3) if args.tiny else (4, 14, 24))
         apply_atp(model, ATPConfig(layers=layers, theta_override=args.theta, mode=args.mode, fixed_keep=args.keep,
-                                   init_threshold=0.5 if args.init_threshold is None else args.init_threshold))
+                                   init_threshold=0.5 if args.init_threshold is None else args.init_threshold,
+                                   random_seed=args.seed))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
 

@@ -13,12 +13,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["ATPConfig", "MODES", "MLP_INPUTS", "BUDGETS", "TARGET_LOSSES"]
+__all__ = ["ATPConfig", "MODES", "MLP_INPUTS", "BUDGETS", "TARGET_LOSSES", "BUDGET_CONTROLS"]
 
-MODES = ("adaptive", "fixed", "fastv")
+MODES = ("adaptive", "fixed", "fastv", "random")
 MLP_INPUTS = ("normalized", "raw")
 BUDGETS = ("hard", "soft")
 TARGET_LOSSES = ("huber", "l1")
+BUDGET_CONTROLS = ("constraint", "penalty")
 
 
 @dataclass
@@ -49,15 +50,24 @@ class ATPConfig:
             family (LLaVA-1.5) uses its own grid, where the resampling is the identity.
         init_threshold: initial theta_r and theta_s (the heads' bias is its logit); small keeps
             most tokens at the start of training.
+        init_spatial_threshold: initial theta_s when it differs from ``init_threshold`` (None:
+            the same); e.g. 0.9 starts the spatial branch at its sparsest levels, so that the
+            redundancy branch holds the budget until the loss asks for spatial tokens
+            (bench/adaptivity.py's ``redundancy_first`` arm measures it).
         mode: "adaptive" (learned thresholds, soft masks in training, Eq. 6-11), "fixed"
             (paper Table 2: top-k by the same redundant score at the same layers, tokens masked
             with -inf, no learned parameters) or "fastv" (the FastV baseline: one layer, top-k
             by the attention the sample's last instruction token pays to each image token, i.e.
-            S_cross with a one-row weight). "fixed" and "fastv" have no ATP parameters: training
-            them needs ``train_lm``.
-        fixed_keep: "fixed"/"fastv": vision tokens per image kept after each ATP layer, one per
-            entry of ``layers`` (e.g. (136, 68, 34)); ``matched_fastv_keep`` gives FastV's count
-            for a given average.
+            S_cross with a one-row weight) or "random" (the random baseline: the counts of
+            "fixed", the tokens drawn uniformly per image from those still kept, with a
+            generator seeded by ``random_seed``). "fixed", "fastv" and "random" have no ATP
+            parameters: training them needs ``train_lm``.
+        fixed_keep: "fixed"/"fastv"/"random": vision tokens per image kept after each ATP layer,
+            one per entry of ``layers`` (e.g. (136, 68, 34)); ``matched_fastv_keep`` gives
+            FastV's count for a given average.
+        random_seed: "random": the seed of the draws. The model draws from one generator made
+            from it when ATP is applied, one draw per image and ATP layer of every forward, so a
+            run repeated with the same seed and the same forwards selects the same tokens.
         train_lm: False = frozen LM, only the ATP modules train (paper Table 3 "Frozen");
             True = the language model, projector and lm_head train as well (vision tower frozen,
             as in LLaVA-1.5 instruction tuning).
@@ -104,6 +114,29 @@ class ATPConfig:
             a vanishing one at it, so Adam settles instead of oscillating); "l1":
             ``|N_bar - N_target|`` (the paper).
         target_delta: the Huber zone of ``target_loss="huber"``, in tokens.
+        budget_control: how the budget is held. "constraint": ``target_tokens`` is a
+            constraint. L_target's weight (``model.atp.budget_weight``, saved with the ATP
+            weights) starts at ``lambda_target`` and, after every training forward, is
+            multiplied by ``exp(weight_rate * (|e| - budget_tolerance))``, ``e`` the relative
+            error of the batch's N_bar (averaged over every process first, so the weight is the
+            same on all), never below ``lambda_target``: the weight grows while N_bar is off
+            the target, from above or from below, until the budget term outweighs whatever
+            holds N_bar away (the next-token gradient, L_ATP), and relaxes once N_bar is held
+            within the tolerance. The penalty method with an increasing weight: at any weight
+            the equilibrium of a fixed-weight penalty is off the target by the next-token
+            gradient over the weight, so the offset shrinks as the weight grows. "penalty":
+            Eq. 14 with the fixed ``lambda_target`` (the paper), whose equilibrium is wherever
+            the next-token gradient balances it.
+        weight_rate: ``budget_control="constraint"``: the log budget weight's step per unit of
+            relative error beyond the tolerance (|e| counts at most 1 per step).
+        budget_tolerance: ``budget_control="constraint"``: the relative error of N_bar below
+            which the budget weight relaxes back towards ``lambda_target``.
+        logit_bound: the thresholds' pre-sigmoid logits are clamped to [-b, b] in the forward
+            (theta in [sigmoid(-b), sigmoid(b)]); the backward passes a gradient that points back
+            inside, and only that, where a logit is at the bound, so a threshold at its limit
+            moves away from it as soon as the loss asks, and no step can carry it further out.
+            None: the plain sigmoid (the paper), which saturates to exactly 0 or 1 in float32
+            with no gradient back.
     """
 
     layers: Optional[Tuple[int, ...]] = None
@@ -118,6 +151,7 @@ class ATPConfig:
     mlp_width: int = 256
     mlp_canvas: Tuple[int, int] = (24, 24)
     init_threshold: float = 0.1
+    init_spatial_threshold: Optional[float] = None
     mode: str = "adaptive"
     fixed_keep: Optional[Tuple[int, ...]] = None
     train_lm: bool = False
@@ -132,6 +166,11 @@ class ATPConfig:
     min_keep: int = 1
     target_loss: str = "huber"
     target_delta: float = 8.0
+    budget_control: str = "constraint"
+    weight_rate: float = 0.3
+    budget_tolerance: float = 0.02
+    logit_bound: Optional[float] = 6.0
+    random_seed: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -165,7 +204,8 @@ class ATPConfig:
             if len(self.rope_2d_section) != 3 or min(self.rope_2d_section) < 1:
                 raise ValueError(f"ATPConfig.rope_2d_section must be three positive sizes (t, row, col), "
                                  f"got {self.rope_2d_section}")
-        for name, allowed in (("mlp_inputs", MLP_INPUTS), ("budget", BUDGETS), ("target_loss", TARGET_LOSSES)):
+        for name, allowed in (("mlp_inputs", MLP_INPUTS), ("budget", BUDGETS), ("target_loss", TARGET_LOSSES),
+                              ("budget_control", BUDGET_CONTROLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ATPConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.min_keep = int(self.min_keep)
@@ -175,8 +215,23 @@ class ATPConfig:
             raise ValueError(f"ATPConfig.target_delta must be > 0, got {self.target_delta}")
         if self.temperature <= 0:
             raise ValueError(f"ATPConfig.temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.init_threshold < 1.0:
-            raise ValueError(f"ATPConfig.init_threshold must lie in (0, 1), got {self.init_threshold}")
+        if not self.weight_rate > 0:
+            raise ValueError(f"ATPConfig.weight_rate must be > 0, got {self.weight_rate}")
+        if not 0.0 <= self.budget_tolerance < 1.0:
+            raise ValueError(f"ATPConfig.budget_tolerance must lie in [0, 1), got {self.budget_tolerance}")
+        if not self.lambda_target > 0 and self.budget_control == "constraint":
+            raise ValueError(f"ATPConfig.lambda_target must be > 0 with budget_control='constraint' (the budget "
+                             f"weight starts there and grows by factors), got {self.lambda_target}")
+        if self.logit_bound is not None:
+            self.logit_bound = float(self.logit_bound)
+            if not 0.0 < self.logit_bound < 30.0:
+                raise ValueError(f"ATPConfig.logit_bound must lie in (0, 30) (sigmoid(30) is 1.0 in float32) or be "
+                                 f"None, got {self.logit_bound}")
+        self.random_seed = int(self.random_seed)
+        for name in ("init_threshold", "init_spatial_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"ATPConfig.{name} must lie in (0, 1), got {value}")
 
     def _check_layers(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)

@@ -1,7 +1,9 @@
 """Save and load the ATP module weights on their own (safetensors), to ship beside a base model.
 
-The file holds ``model.atp.state_dict()`` (keys like ``mlps.4.proj.weight``) and, in its
-metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fresh stock model.
+The file holds ``model.atp.state_dict()`` (keys like ``mlps.4.proj.weight``, and
+``budget_weight``, the state of ATPConfig.budget_control that training resumes from) and, in
+its metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fresh stock
+model.
 """
 from __future__ import annotations
 
@@ -20,9 +22,13 @@ __all__ = ["save_atp", "load_atp", "read_atp_config"]
 
 _CONFIG_KEY = "atp_config"
 _FORMAT_KEY = "format"
-_FORMAT = "atp_llava/2"
-# Files of format 1 predate these ATPConfig fields; they were trained with the paper's choices.
-_FORMAT_1_DEFAULTS = {"mlp_inputs": "raw", "budget": "soft", "min_keep": 0, "target_loss": "l1"}
+_FORMAT = "atp_llava/3"
+# Older files predate these ATPConfig fields and were trained with the choices of their time:
+# format 1 with the paper's, format 2 with a fixed budget weight and unbounded threshold logits.
+# Neither holds the budget weight buffer (added as lambda_target when they load).
+_FORMAT_2_DEFAULTS = {"budget_control": "penalty", "logit_bound": None}
+_FORMAT_1_DEFAULTS = {"mlp_inputs": "raw", "budget": "soft", "min_keep": 0, "target_loss": "l1", **_FORMAT_2_DEFAULTS}
+_OLD_FORMATS = {"atp_llava/1": _FORMAT_1_DEFAULTS, "atp_llava/2": _FORMAT_2_DEFAULTS}
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -69,12 +75,10 @@ def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     fmt = meta.get(_FORMAT_KEY)
-    if fmt not in (_FORMAT, "atp_llava/1") or _CONFIG_KEY not in meta:
+    if (fmt != _FORMAT and fmt not in _OLD_FORMATS) or _CONFIG_KEY not in meta:
         raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {fmt!r})")
     fields = json.loads(meta[_CONFIG_KEY])
-    if fmt == "atp_llava/1":
-        fields = {**_FORMAT_1_DEFAULTS, **fields}
-    return ATPConfig.from_dict(fields)
+    return ATPConfig.from_dict({**_OLD_FORMATS.get(fmt, {}), **fields})
 
 
 def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[ATPConfig] = None,
@@ -92,5 +96,7 @@ def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[A
         apply_atp(model, config if config is not None else read_atp_config(path))
     device = next(model.atp.parameters(), next(model.parameters())).device
     state = load_file(str(path), device=str(device))
+    if "budget_weight" not in state:  # formats 1 and 2: trained with the fixed weight
+        state["budget_weight"] = torch.tensor(float(model.atp.config.lambda_target), device=device)
     model.atp.load_state_dict(state, strict=strict)
     return model

@@ -17,9 +17,10 @@ model_args (comma-separated; lists in brackets or colon-separated, e.g. ``layers
     tokenizer       where the tokenizer is, when not in ``pretrained``
     atp             ATP weights and config (atp_llava.save_atp); or else, as python -m
                     atp_llava.report takes them (cli.py):
-    layers, theta, mode, keep, init_threshold
+    layers, theta, mode, keep, init_threshold, seed
                     untrained ATP modules: ATP layers, fixed thresholds (theta_r, theta_s),
-                    "adaptive" / "fixed" / "fastv", kept tokens per layer, initial thresholds
+                    "adaptive" / "fixed" / "fastv" / "random", kept tokens per layer, initial
+                    thresholds, the seed of mode "random"'s draws (default 0)
     dtype, device   float32 (default), bfloat16, float16, float64; cuda if available, else cpu
     batch_size      requests per batch (lmms-eval's --batch_size)
     max_new_tokens  generation length when a task's generation_kwargs give none (default 128)
@@ -147,7 +148,7 @@ class _ArgError:
     @staticmethod
     def error(message: str):
         raise ValueError(f"atp_llava model_args: {message} (model_args names: atp, layers, theta, "
-                         "init_threshold, keep, mode)")
+                         "init_threshold, keep, mode, seed)")
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -184,15 +185,15 @@ class ATPLlava(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, atp: Optional[str] = None, layers=None, theta=None, mode: str = "adaptive",
-                 keep=None, init_threshold: Optional[float] = None, tokenizer: Optional[str] = None,
+                 keep=None, init_threshold: Optional[float] = None, seed=0, tokenizer: Optional[str] = None,
                  device: Optional[str] = None, dtype: str = "float32", batch_size=1, max_new_tokens: int = 128,
                  template: str = LLAVA_TEMPLATE, report_path: Optional[str] = None, loglikelihood: str = "logprob",
                  max_batch_size=None, **kwargs) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(f"atp_llava model_args: unknown arguments {sorted(kwargs)}; known: pretrained, "
-                            "tokenizer, atp, layers, theta, mode, keep, init_threshold, dtype, device, batch_size, "
-                            "max_new_tokens, template, report_path, loglikelihood")
+                            "tokenizer, atp, layers, theta, mode, keep, init_threshold, seed, dtype, device, "
+                            "batch_size, max_new_tokens, template, report_path, loglikelihood")
         if not pretrained or not os.path.isdir(str(pretrained)):
             raise ValueError(f"atp_llava model_args: pretrained must be a local directory holding a saved "
                              f"LlavaForConditionalGeneration, got {pretrained!r}")
@@ -211,7 +212,7 @@ class ATPLlava(lmms):
         init = None if init_threshold is None else float(init_threshold)
         args = argparse.Namespace(tiny=False, model=str(pretrained), atp=atp, layers=_int_list(layers, "layers"),
                                   theta=_theta(theta), init_threshold=init, mode=str(mode),
-                                  keep=_int_list(keep, "keep"), dtype=str(dtype), device=device, seed=0)
+                                  keep=_int_list(keep, "keep"), dtype=str(dtype), device=device, seed=int(seed))
         check_model_args(args, _ArgError())
         self._model = load_model(args)  # LlavaForConditionalGeneration + ATP, on its device, eval()
         self._device = next(self._model.parameters()).device

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .layout import VisionLayout
 
 __all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reachable_tokens", "budget_share",
-           "SAMPLES_IN_BATCH"]
+           "budget_sums", "budget_error", "adapt_budget_weight", "SAMPLES_IN_BATCH"]
 
 # The model's keyword argument: samples with an image in the whole accumulated batch (all forwards
 # of one optimizer step, all processes), beside Trainer's num_items_in_batch.
@@ -154,6 +154,51 @@ def budget_share(layout: VisionLayout, labels: Optional[torch.Tensor], num_items
         total = num_items_in_batch
     total = torch.as_tensor(total, device=device).to(torch.float32).clamp_min(1.0)
     return local.to(device=device, dtype=torch.float32) / total
+
+
+def budget_sums(n_bar_batch: torch.Tensor, target: torch.Tensor, layout: VisionLayout,
+                share: Optional[torch.Tensor]) -> torch.Tensor:
+    """(4,) float32: this forward's N_bar and target times its samples with an image, those
+    samples, and its share of the accumulated batch (``budget_share``; 1 when it is the whole
+    batch), summed over every process under torch.distributed (a collective: every rank calls
+    it). Summed over the forwards of an optimizer step, the shares reach 1 and ``budget_error``
+    of the sums is the relative error of the whole accumulated batch's N_bar."""
+    from .distributed import is_distributed
+
+    n = (layout.images_per_sample > 0).sum().to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=n.device)
+    part = one if share is None else share.detach().to(torch.float32)
+    distributed = is_distributed()
+    if share is None and distributed:
+        import torch.distributed as dist
+
+        part = part / dist.get_world_size()  # each process holds 1 / W of the step's batch
+    sums = torch.stack([n_bar_batch.detach().float() * n, target.detach().float() * n, n, part])
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    return sums
+
+
+def budget_error(sums: torch.Tensor) -> torch.Tensor:
+    """() float32: ``(N_bar - N_target) / N_target`` of the samples ``sums`` (``budget_sums``)
+    counts, 0 where none has an image."""
+    n_bar_all, target_all, count = sums[0], sums[1], sums[2]
+    return torch.where(count > 0, (n_bar_all - target_all) / target_all.clamp_min(1e-6), torch.zeros_like(count))
+
+
+@torch.no_grad()
+def adapt_budget_weight(weight: torch.Tensor, error: torch.Tensor, floor: float, rate: float, tolerance: float,
+                        cap: float = 1e4) -> None:
+    """One step of ATPConfig.budget_control "constraint", in place: ``weight *= exp(rate * (|e| -
+    tolerance))`` with ``|e|`` (``budget_error``) counted at most 1, kept within ``[floor, floor *
+    cap]``. The weight grows while N_bar is off the target on either side and relaxes back to
+    ``floor`` (lambda_target) while it is within the tolerance; growing by factors, it reaches
+    the weight any next-token gradient needs in a number of steps that depends on that weight's
+    logarithm, with no scale to tune."""
+    e = error.to(weight.device, weight.dtype).abs().clamp_max(1.0)
+    weight.mul_(torch.exp(rate * (e - tolerance))).clamp_(floor, floor * cap)
 
 
 def min_reachable_tokens(atp_layers: Sequence[int], num_layers: int, n_grid: int, floor: int) -> float:

@@ -13,7 +13,40 @@ from .config import ATPConfig
 from .layout import VisionLayout
 from .spatial import SpatialScores
 
-__all__ = ["ThresholdMLP", "ATPModules"]
+__all__ = ["ThresholdMLP", "ATPModules", "bounded_logit"]
+
+
+class _InwardClamp(torch.autograd.Function):
+    """clamp(x, -b, b) whose gradient passes where x is inside; where x is past a bound, only the
+    part that points back inside passes, plus the gradient of ``(|x| - b)^2 / 2``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(-bound, bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        b = ctx.bound
+        over, under = x > b, x < -b
+        inward = torch.where(over, grad.clamp_min(0), torch.where(under, grad.clamp_max(0), grad))
+        excess = torch.where(over, x - b, torch.where(under, x + b, torch.zeros_like(x)))
+        return inward + excess, None
+
+
+def bounded_logit(x: torch.Tensor, bound: Optional[float]) -> torch.Tensor:
+    """A threshold's pre-sigmoid logit held in [-bound, bound] (ATPConfig.logit_bound; None: as is).
+
+    A plain clamp has no gradient past its bound and a plain sigmoid none once it rounds to 0 or 1,
+    so a threshold driven to its limit would stay there. Here the forward is the clamp and the
+    backward passes every gradient inside the bound; at or past it, only the gradient that points
+    back inside, so the threshold leaves its limit as soon as the loss asks, at the rate
+    sigmoid'(bound) of the logit, and no gradient pushes it further out. Only an optimizer's
+    momentum carries a logit past the bound; there the backward adds the gradient of
+    ``(|x| - bound)^2 / 2``, which turns the momentum back before the excess grows."""
+    return x if bound is None else _InwardClamp.apply(x, float(bound))
 
 
 class ThresholdMLP(nn.Module):
@@ -26,29 +59,32 @@ class ThresholdMLP(nn.Module):
     tiles, video frames) is resampled to it by masked average pooling: each cell holds the mean
     over the kept tokens that fall in it (``cell``, ATPModules.cells), 0 where none does.
     ``n_globals`` more inputs (ATPModules.globals: log token count, aspect ratio, kept fraction)
-    follow for families whose images differ in size. ``inputs`` (ATPConfig.mlp_inputs):
+    follow for families whose images differ in size. ``logit_bound`` (ATPConfig.logit_bound):
+    the heads' logits pass ``bounded_logit`` before the sigmoid. ``inputs`` (ATPConfig.mlp_inputs):
     "normalized" min-max normalises each score over the image's kept tokens first
     (``atp_ops.normalize_scores``) and divides it by ``n_cells``, so the input does not change
-    when the LM's logits are 100x larger and an optimizer step moves the thresholds by about the
-    learning rate on any canvas; "raw" feeds the scores as they are (the paper).
+    when the LM's logits are 100x larger and an optimizer step moves the first layer's output by
+    about the learning rate on any canvas; "raw" feeds the scores as they are (the paper).
     """
 
     def __init__(self, n_cells: int, width: int, init_threshold: float, inputs: str = "normalized",
-                 n_globals: int = 0):
+                 n_globals: int = 0, logit_bound: Optional[float] = None,
+                 init_spatial_threshold: Optional[float] = None):
         super().__init__()
         self.n_cells = n_cells
         self.n_globals = n_globals
         self.inputs = inputs
+        self.logit_bound = logit_bound
         self.proj = nn.Linear(2 * n_cells + n_globals, width)
         self.head_r = nn.Linear(width, 1)
         self.head_s = nn.Linear(width, 1)
-        logit = math.log(init_threshold / (1.0 - init_threshold))
+        init_s = init_threshold if init_spatial_threshold is None else init_spatial_threshold
         with torch.no_grad():
-            # Small head weights: the thresholds start near init_threshold for any input, and
-            # every parameter still receives a gradient from the first step on.
-            for head in (self.head_r, self.head_s):
+            # Small head weights: the thresholds start near their initial values for any input,
+            # and every parameter still receives a gradient from the first step on.
+            for head, init in ((self.head_r, init_threshold), (self.head_s, init_s)):
                 head.weight.mul_(0.1)
-                head.bias.fill_(logit)
+                head.bias.fill_(math.log(init / (1.0 - init)))
 
     def _pool(self, v: torch.Tensor, kept: torch.Tensor, cell: Optional[torch.Tensor]) -> torch.Tensor:
         if cell is None:
@@ -74,7 +110,8 @@ class ThresholdMLP(nn.Module):
         if self.inputs == "normalized":
             # Each score in [0, 1], divided by the number of cells: the first layer computes
             # weighted means, so one Adam step (every weight moves by about lr) moves z by
-            # about lr whatever the canvas or the LM, and the thresholds by about lr too.
+            # about lr whatever the canvas or the LM. (The thresholds' level moves faster as the
+            # head's weights grow; ATPConfig.budget_control holds it at the target.)
             parts = [self._pool(atp_ops.normalize_scores(s, kept), kept, cell) / self.n_cells for s in (s_self, s_cross)]
         else:
             parts = [self._pool(torch.where(kept, s, torch.zeros_like(s)).float(), kept, cell) for s in (s_self, s_cross)]
@@ -90,8 +127,8 @@ class ThresholdMLP(nn.Module):
         theta_r, theta_s: (I,) float32."""
         x = self.features(s_self, s_cross, kept, cell, extra)
         z = self.proj(x)
-        theta_r = torch.sigmoid(self.head_r(z)).squeeze(-1)
-        theta_s = torch.sigmoid(self.head_s(z)).squeeze(-1)
+        theta_r = torch.sigmoid(bounded_logit(self.head_r(z), self.logit_bound)).squeeze(-1)
+        theta_s = torch.sigmoid(bounded_logit(self.head_s(z), self.logit_bound)).squeeze(-1)
         return theta_r.float(), theta_s.float()
 
 
@@ -109,6 +146,9 @@ class ATPModules(nn.Module):
             else ATPConfig.mlp_canvas.
         mlps: ModuleDict ``str(layer) -> ThresholdMLP`` (empty in mode "fixed").
         spatial: SpatialScores (Eq. 5 on each token's own grid).
+        budget_weight: () float32 buffer, the weight of L_target: ``lambda_target`` at the
+            start, adapted during training with ``budget_control="constraint"``
+            (``atp_llava.losses.adapt_budget_weight``), fixed otherwise.
     """
 
     N_GLOBALS = 3  # log token count, log aspect ratio, kept fraction (images of varying size)
@@ -124,10 +164,21 @@ class ATPModules(nn.Module):
         if config.mode == "adaptive":
             for layer in config.layers:
                 self.mlps[str(layer)] = ThresholdMLP(self.canvas[0] * self.canvas[1], config.mlp_width,
-                                                     config.init_threshold, config.mlp_inputs, self.n_globals)
+                                                     config.init_threshold, config.mlp_inputs, self.n_globals,
+                                                     config.logit_bound, config.init_spatial_threshold)
+        # L_target's weight (ATPConfig.budget_control): state of the training, saved and loaded
+        # with the weights, the same on every process.
+        self.register_buffer("budget_weight", torch.tensor(float(config.lambda_target), dtype=torch.float32))
         self.spatial = SpatialScores(config.lambda_sample, config.strides)
         if self.grid is not None:
             self.spatial.map(self.grid)  # a bad grid or stride fails here, not in the first forward
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) and the like cast every floating buffer; the budget weight
+        # takes small steps over a whole training run and stays float32.
+        super()._apply(fn, recurse)
+        self._buffers["budget_weight"] = self._buffers["budget_weight"].float()
+        return self
 
     def cells(self, layout: VisionLayout) -> Optional[torch.Tensor]:
         """(I, N) long: the canvas cell of every token (None: every image is on the canvas's grid,

@@ -53,7 +53,8 @@ from .config import ATPConfig
 from .distributed import is_distributed
 from .efficiency import kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias, valid_mask
-from .losses import SAMPLES_IN_BATCH, atp_losses, budget_share, min_reachable_tokens, n_bar
+from .losses import (SAMPLES_IN_BATCH, adapt_budget_weight, atp_losses, budget_error, budget_share, budget_sums,
+                     min_reachable_tokens, n_bar)
 from .models import ModelAdapter, adapter_for
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
@@ -95,7 +96,8 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 # Per-forward state
 
 # Why a token survived an ATP layer with hard masks (atp_stats["keep_codes"]); a bit each.
-KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed mode: in the top k)
+KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed, fastv and
+                    # random modes: selected)
 KEEP_SPATIAL = 2    # S_spatial > theta_s
 
 
@@ -350,6 +352,9 @@ class ATPController:
         self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
+        self._budget_sums: Optional[torch.Tensor] = None  # this optimizer step's forwards so far (losses.budget_sums)
+        # mode "random": the draws, on the CPU so that a seed selects the same tokens on any device
+        self._random = torch.Generator().manual_seed(self.config.random_seed)
 
     # -- model hooks ---------------------------------------------------------------------------
 
@@ -491,7 +496,7 @@ class ATPController:
 
     def _stats(self, module, state: ATPState) -> Tuple[Dict[str, Any], torch.Tensor, Dict[str, torch.Tensor]]:
         """(atp_stats of a full forward (see apply_atp), the live budget term
-        lambda_ATP L_ATP + lambda_target L_target, the live loss terms)."""
+        lambda_ATP L_ATP + w L_target (w: ``model.atp.budget_weight``), the live loss terms)."""
         cfg = self.config
         lay = state.layout
         k = len(cfg.layers)
@@ -504,8 +509,17 @@ class ATPController:
         losses = atp_losses(kept, lay, cfg.layers, self.num_layers, cfg.target_tokens, cfg.target_loss,
                             cfg.target_delta, cfg.target_ratio)
         kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
+        n_bar_hard = n_bar(kept_hard, lay, cfg.layers, self.num_layers)[2]
+        weight = self.atp.budget_weight.detach().clone()  # the value this forward's loss uses
+        step_error = None
         if cfg.mode == "adaptive":
-            extra = cfg.lambda_atp * losses["loss_atp"] + cfg.lambda_target * losses["loss_target"]
+            # Eq. 14, with L_target's weight held by ATPConfig.budget_control (lambda_target when fixed)
+            extra = cfg.lambda_atp * losses["loss_atp"] \
+                + weight.to(losses["loss_target"].dtype) * losses["loss_target"]
+            if cfg.budget_control == "constraint" and cfg.theta_override is None and module.training \
+                    and torch.is_grad_enabled():
+                step_error = self._adapt_budget_weight(losses["n_bar_batch"], losses["target"], lay,
+                                                       state.budget_share)
         else:  # no budget term (fixed keep counts)
             extra = lay.pad_bias.new_zeros(())
         if state.budget_share is not None:  # one micro-batch of an accumulated batch (Trainer)
@@ -519,7 +533,9 @@ class ATPController:
             "tokens_soft": kept_soft,
             "tokens_hard": kept_hard,
             "n_bar_soft": n_bar(kept_soft, lay, cfg.layers, self.num_layers)[2],
-            "n_bar_hard": n_bar(kept_hard, lay, cfg.layers, self.num_layers)[2],
+            "n_bar_hard": n_bar_hard,
+            "budget_weight": weight,
+            "budget_error": step_error,
             "tokens_per_layer": losses["per_layer"].detach(),
             "n_bar": losses["n_bar"].detach(),
             "n_bar_batch": losses["n_bar_batch"].detach(),
@@ -545,6 +561,24 @@ class ATPController:
         live = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
                 "n_bar_batch": losses["n_bar_batch"]}
         return stats, extra, live
+
+    def _adapt_budget_weight(self, n_bar_batch: torch.Tensor, target: torch.Tensor, lay: VisionLayout,
+                             share: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """ATPConfig.budget_control "constraint": one step of the budget weight per optimizer
+        step, from the error of the whole batch that step trains on, over every process. The
+        forwards of an accumulated batch (their shares, ``budget_share``, sum to 1) add their
+        counts up and all use the weight of the step before; the last one steps the weight.
+        Returns the error of the step (None until its batch is complete). The counts are the
+        ones the budget losses see: the hard counts under the default ``budget="hard"``."""
+        sums = budget_sums(n_bar_batch, target, lay, share)
+        self._budget_sums = sums if self._budget_sums is None else self._budget_sums + sums
+        if share is not None and float(self._budget_sums[3]) < 1.0 - 1e-4:  # more forwards of this step to come
+            return None
+        sums, self._budget_sums = self._budget_sums, None
+        error = budget_error(sums)
+        cfg = self.config
+        adapt_budget_weight(self.atp.budget_weight, error, cfg.lambda_target, cfg.weight_rate, cfg.budget_tolerance)
+        return error
 
     def _flash_kernel(self, model: nn.Module) -> Optional[Callable]:
         """flash-attn's decode kernel if this model's pruned decoding runs on it (config.flash_decode)."""
@@ -624,8 +658,10 @@ class ATPController:
         prev = state.img_bias
         kept = torch.isfinite(prev)  # the tokens this forward still holds
         cfg = self.config
-        cross_rows = lay.text_rows if cfg.mode != "fastv" else _last_rows(lay.text_rows)
-        s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale, causal)
+        if cfg.mode != "random":
+            cross_rows = lay.text_rows if cfg.mode != "fastv" else _last_rows(lay.text_rows)
+            s_self, s_cross = self._scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale,
+                                           causal)
         if cfg.mode == "adaptive":
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
             s_spatial, cells = state.spatial_and_cells(self.atp)
@@ -645,7 +681,12 @@ class ATPController:
             state.theta_r.append(theta_r)
             state.theta_s.append(theta_s)
         else:
-            ranking = s_cross if cfg.mode == "fastv" else atp_ops.redundant_score(s_self, s_cross, kept)
+            if cfg.mode == "random":  # uniform draws: the top k of i.i.d. keys is a uniform k-subset
+                ranking = torch.rand(kept.shape, generator=self._random).to(kept.device)
+            elif cfg.mode == "fastv":
+                ranking = s_cross
+            else:
+                ranking = atp_ops.redundant_score(s_self, s_cross, kept)
             keep = self._top_k(ranking, kept, cfg.fixed_keep[cfg.layers.index(layer)])
             new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
             state.img_soft = new
@@ -843,7 +884,9 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     list of the supported ones.
 
     After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``
-    returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + lambda_target L_target``
+    returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + w L_target`` (Eq. 14; ``w``, the
+    buffer ``model.atp.budget_weight``, is ``lambda_target`` and grows while N_bar is off the target:
+    ATPConfig.budget_control)
     (mode "adaptive") and an ``atp_stats`` dict (per-sample tokens per ATP layer, thetas,
     tokens per decoder layer, N_bar, the loss terms, FLOPs and KV-cache bytes against the
     unpruned model). ``model.atp`` holds the ATP parameters.

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .config import BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
+from .config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
 from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .layout import IGNORE_INDEX
@@ -53,6 +53,10 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ATPConfig)}
 
 def _ints(s: Optional[str]) -> Optional[tuple]:
     return None if s is None or s == "" else tuple(int(x) for x in s.split(","))
+
+
+def _bound(s: str) -> Optional[float]:
+    return None if s.lower() == "none" else float(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,13 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     atp.add_argument("--temperature", type=float, default=_DEFAULTS["temperature"], help="T of Eq. 9-10")
     atp.add_argument("--lambda-atp", type=float, default=_DEFAULTS["lambda_atp"], help="weight of L_ATP (Eq. 14)")
     atp.add_argument("--lambda-target", type=float, default=_DEFAULTS["lambda_target"],
-                     help="weight of L_target (Eq. 14)")
+                     help="weight of L_target (Eq. 14); with --budget-control constraint, its starting value and floor")
     atp.add_argument("--lambda-sample", type=float, default=_DEFAULTS["lambda_sample"], help="Eq. 5")
     atp.add_argument("--strides", default=None, help="spatial strides, comma-separated (default: all valid)")
     atp.add_argument("--mlp-width", type=int, default=_DEFAULTS["mlp_width"])
     atp.add_argument("--init-threshold", type=float, default=_DEFAULTS["init_threshold"])
+    atp.add_argument("--init-spatial-threshold", type=float, default=_DEFAULTS["init_spatial_threshold"],
+                     help="initial theta_s (default: --init-threshold)")
     atp.add_argument("--mode", default=_DEFAULTS["mode"], choices=MODES)
-    atp.add_argument("--fixed-keep", default=None, help="mode fixed/fastv: tokens kept after each ATP layer")
+    atp.add_argument("--fixed-keep", default=None,
+                     help="mode fixed/fastv/random: tokens kept after each ATP layer, comma-separated")
+    atp.add_argument("--random-seed", type=int, default=_DEFAULTS["random_seed"],
+                     help="mode random: the seed of the draws")
     atp.add_argument("--mlp-inputs", default=_DEFAULTS["mlp_inputs"], choices=MLP_INPUTS,
                      help="threshold MLP inputs: min-max normalised scores, or raw (the paper)")
     atp.add_argument("--budget", default=_DEFAULTS["budget"], choices=BUDGETS,
@@ -111,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L_target: Huber (see --target-delta) or L1 (the paper)")
     atp.add_argument("--target-delta", type=float, default=_DEFAULTS["target_delta"],
                      help="--target-loss huber: quadratic zone, in tokens")
+    atp.add_argument("--budget-control", default=_DEFAULTS["budget_control"], choices=BUDGET_CONTROLS,
+                     help="constraint: L_target's weight grows while N_bar is off the target; penalty: the fixed "
+                          "--lambda-target of Eq. 14 (the paper)")
+    atp.add_argument("--weight-rate", type=float, default=_DEFAULTS["weight_rate"],
+                     help="--budget-control constraint: the log weight's step per unit of relative error")
+    atp.add_argument("--budget-tolerance", type=float, default=_DEFAULTS["budget_tolerance"],
+                     help="--budget-control constraint: the relative error of N_bar within which the weight relaxes")
+    atp.add_argument("--logit-bound", type=_bound, default=_DEFAULTS["logit_bound"],
+                     help="thresholds' pre-sigmoid logits held in [-B, B], gradients passed back inside; 'none': the "
+                          "plain sigmoid (the paper)")
     atp.add_argument("--train-lm", action="store_true", help="train the LM too (default: frozen, ATP only)")
 
     opt = p.add_argument_group("optimisation")
@@ -153,9 +172,13 @@ def config_from_args(args: argparse.Namespace) -> ATPConfig:
     return ATPConfig(layers=_ints(args.layers), target_tokens=args.target_tokens, temperature=args.temperature,
                      lambda_atp=args.lambda_atp, lambda_target=args.lambda_target,
                      lambda_sample=args.lambda_sample, strides=_ints(args.strides), mlp_width=args.mlp_width,
-                     init_threshold=args.init_threshold, mode=args.mode, fixed_keep=_ints(args.fixed_keep),
+                     init_threshold=args.init_threshold, init_spatial_threshold=args.init_spatial_threshold,
+                     mode=args.mode, fixed_keep=_ints(args.fixed_keep),
                      train_lm=args.train_lm, mlp_inputs=args.mlp_inputs, budget=args.budget,
-                     min_keep=args.min_keep, target_loss=args.target_loss, target_delta=args.target_delta)
+                     min_keep=args.min_keep, target_loss=args.target_loss, target_delta=args.target_delta,
+                     budget_control=args.budget_control, weight_rate=args.weight_rate,
+                     budget_tolerance=args.budget_tolerance, logit_bound=args.logit_bound,
+                     random_seed=args.random_seed)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -250,13 +273,16 @@ def step_record(step: int, epoch: int, out, lrs: Union[Mapping[str, float], Sequ
     """One log row: losses, N_bar, and per-ATP-layer batch means (over samples with an image) of
     the tokens the budget losses saw (``tokens_l{layer}``), the soft and hard counts
     (``tokens_soft_l{layer}``, ``tokens_hard_l{layer}``) and the thresholds. ``lrs``: the
-    learning rate of each parameter group, by name (``lr_atp``, ``lr_lm``) or by position (``lr0``)."""
+    learning rate of each parameter group, by name (``lr_atp``, ``lr_lm``) or by position (``lr0``),
+    and in mode "adaptive" the budget weight the step's loss used (``budget_weight``)."""
     st = out.atp_stats
     rec: Dict[str, Any] = {"split": "train", "step": step, "epoch": epoch, "loss": float(out.loss.detach()),
                            "loss_ntp": float(st["loss_ntp"]), "loss_atp": float(st["loss_atp"]),
                            "loss_target": float(st["loss_target"]), "n_bar": float(st["n_bar_batch"])}
     if "n_bar_hard" in st:
         rec["n_bar_hard"] = float(st["n_bar_hard"])
+    if "theta_r" in st:  # adaptive: L_target's weight this step used (ATPConfig.budget_control)
+        rec["budget_weight"] = float(st["budget_weight"])
     rec["flops_ratio"] = float(st["flops"].sum() / st["flops_full"].sum())
     rec["kv_ratio"] = float(st["kv_cache_bytes"].sum() / st["kv_cache_bytes_full"].sum())
     rec["seconds"] = seconds

@@ -65,6 +65,8 @@ class ATPCallback(TrainerCallback):
     inference keeps), ``atp/loss_atp``, ``atp/loss_target`` (each forward's own, before the
     weights of Eq. 14), and per ATP layer ``l``: ``atp/tokens_l{l}`` (vision tokens per image kept
     after it), ``atp/theta_r_l{l}``, ``atp/theta_s_l{l}`` (its thresholds, mode "adaptive").
+    Beside the means, ``atp/budget_weight``: L_target's weight as it stands at the log (mode
+    "adaptive"; ATPConfig.budget_control), the same on every process by construction.
 
     Across processes the sums are all-reduced at each log (Trainer logs on every process at the
     same steps), so every process logs the same values.
@@ -128,7 +130,7 @@ class ATPCallback(TrainerCallback):
             return {}
         sums = self._sums
         if sums is None:
-            device = next(self._model.atp.parameters()).device
+            device = self._model.atp.budget_weight.device
             sums = torch.zeros(len(self._names) + 1, dtype=torch.float64, device=device)
         self._sums = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -137,7 +139,10 @@ class ATPCallback(TrainerCallback):
         n = float(sums[-1])
         if n == 0:
             return {}
-        return dict(zip(self._names, (sums[:-1] / n).tolist()))
+        values = dict(zip(self._names, (sums[:-1] / n).tolist()))
+        if self._model.atp.config.mode == "adaptive":
+            values["atp/budget_weight"] = float(self._model.atp.budget_weight)
+        return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:  # the ATP statistics go with the training loss

@@ -13,7 +13,7 @@ the hard mask of that layer (``model.eval()``, ``ATPConfig.hard_in_eval``) did w
     image, blue border          kept by spatial sampling only: S_spatial > theta_s   (KEEP_SPATIAL)
     image, magenta border       kept by both
 
-(mode "fixed" keeps its top-k tokens with code KEEP_REDUNDANT: orange.) The colours are
+(modes "fixed", "fastv" and "random" mark the tokens they keep KEEP_REDUNDANT: orange.) The colours are
 ``PALETTE[code]``. Cells smaller than 3 pixels have no room for a border and are filled with the
 legend colour instead.
 

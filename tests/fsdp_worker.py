@@ -4,7 +4,7 @@ FSDP2 (atp_llava.distributed.shard_fsdp2), for tests/test_llava_fsdp.py:
 
 Rank r trains on examples (2r, 2r + 1) of each step's batch (fsdp_batches): rank 1's first
 batch has no image. Each rank writes OUT_DIR/rank{r}.pt (the ATP parameters after the steps,
-gathered, each step's loss and budget weight, the eval logits and atp_stats, the generated
+gathered, each step's loss and budget weight and error, the eval logits and atp_stats, the generated
 tokens); rank 0 writes
 OUT_DIR/atp.safetensors (save_atp from the shards).
 """
@@ -24,7 +24,8 @@ from atp_llava.distributed import shard_fsdp2  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 from trainer_worker import without_image  # noqa: E402  (beside this file)
 
-CONFIG = dict(layers=(1, 2, 3), target_tokens=200, init_threshold=0.5)  # eval prunes most tokens
+# eval prunes most tokens; the budget weight takes a step after every optimizer step
+CONFIG = dict(layers=(1, 2, 3), target_tokens=200, init_threshold=0.5, budget_window=1)
 LR = 1e-2
 STEPS = 2
 
@@ -67,7 +68,8 @@ def main():
         opt.step()
         losses.append(float(out.loss.detach()))
         ran.append(out.atp_stats["tokens"].shape[1])
-        weights.append(float(model.atp.budget_weight))  # ATPConfig.budget_control: all-reduced
+        # ATPConfig.budget_control's state, from all-reduced counts
+        weights.append((float(model.atp.budget_weight), float(model.atp.budget_violation)))
     params = {n: p.full_tensor().detach().clone() for n, p in atp_params(model).items()}
     model.eval()
     prompts = eval_prompts(rank)

@@ -146,15 +146,24 @@ def test_thresholds_at_their_limit_in_a_model_come_back_to_the_budget(stock):
 # the budget as a constraint
 
 
-def test_budget_weight_grows_off_target_and_relaxes_on_it():
-    w = torch.tensor(0.2)
-    adapt_budget_weight(w, torch.tensor(0.5), 0.2, 0.1, 0.02)
-    assert float(w) == pytest.approx(0.2 * math.exp(0.1 * 0.48))
-    adapt_budget_weight(w, torch.tensor(-3.0), 0.2, 0.1, 0.02)  # below the target: grows too, |e| <= 1
-    assert float(w) == pytest.approx(0.2 * math.exp(0.1 * 0.48 + 0.1 * 0.98))
-    for _ in range(1000):  # held within the tolerance: back to lambda_target, never below
-        adapt_budget_weight(w, torch.tensor(0.0), 0.2, 0.1, 0.02)
+def test_budget_weight_grows_while_the_violation_stalls_and_relaxes_within_tolerance():
+    w, v = torch.tensor(0.2), torch.tensor(float("inf"))
+    step = lambda err: adapt_budget_weight(w, v, err, 0.2, 2.0, 0.02)  # noqa: E731
+    step(0.5)  # the first window: nothing to compare with
+    assert (float(w), float(v)) == (pytest.approx(0.2), 0.5)
+    step(0.3)  # fell by more than a quarter: the weight does its job, kept
     assert float(w) == pytest.approx(0.2)
+    step(0.28)  # stalled: doubled; from above or from below alike (|e|)
+    step(0.27)
+    assert float(w) == pytest.approx(0.8)
+    step(0.01)  # within the tolerance: relaxed by a quarter of a growth step, never below lambda_target
+    assert float(w) == pytest.approx(0.8 / 2 ** 0.25)
+    for _ in range(10):
+        step(0.0)
+    assert float(w) == pytest.approx(0.2)
+    for _ in range(30):
+        step(1.0)
+    assert float(w) == pytest.approx(0.2 * 1e4)  # capped
     sums = torch.tensor([2 * 150.0, 2 * 100.0, 2.0, 1.0])  # N_bar 150 against 100 on 2 samples
     assert float(budget_error(sums)) == pytest.approx(0.5)
     assert float(budget_error(torch.zeros(4))) == 0.0
@@ -211,32 +220,35 @@ def test_the_penalty_option_is_the_papers_eq14(stock, batch2):
 
 
 def test_budget_weight_is_saved_loaded_and_resumed(stock, tmp_path):
-    """The weight is state of the training: save_atp writes it, load_atp restores it, and training
-    resumed from the file continues from it exactly as the uninterrupted run does."""
-    cfg = ATPConfig(layers=(1, 2, 3), target_tokens=200)
+    """The weight and the last window's error are state of the training: save_atp writes them,
+    load_atp restores them, and training resumed from the file continues as the uninterrupted
+    run does."""
+    cfg = ATPConfig(layers=(1, 2, 3), target_tokens=200, budget_window=1)
     model = apply_atp(copy.deepcopy(stock), cfg)
-    opt = _train(model, 4)
-    weight = float(model.atp.budget_weight)
-    assert weight > cfg.lambda_target  # N_bar starts far above 200: the weight grew
+    opt = _train(model, 4, resist=0.3)  # a pull that holds N_bar far above 200: the weight grows
+    weight, violation = float(model.atp.budget_weight), float(model.atp.budget_violation)
+    assert weight > cfg.lambda_target and 0 < violation < float("inf")
     save_atp(model, tmp_path / "atp.safetensors")
     resumed = load_atp(copy.deepcopy(stock), tmp_path / "atp.safetensors")
-    assert float(resumed.atp.budget_weight) == weight
+    assert (float(resumed.atp.budget_weight), float(resumed.atp.budget_violation)) == (weight, violation)
     opt2 = torch.optim.AdamW(param_groups(resumed), weight_decay=0.0)
     opt2.load_state_dict(opt.state_dict())
     data = _data(64, 0)
     more = [data[16 + j] for j in range(8)]  # the batches after _train's first 4 steps
-    _train(model, 2, opt=opt, data=more)
-    _train(resumed, 2, opt=opt2, data=more)
+    _train(model, 2, resist=0.3, opt=opt, data=more)
+    _train(resumed, 2, resist=0.3, opt=opt2, data=more)
     assert float(resumed.atp.budget_weight) == pytest.approx(float(model.atp.budget_weight), rel=1e-6)
-    # bfloat16 models keep a float32 weight: it sums small steps over a whole run
-    assert copy.deepcopy(model).to(torch.bfloat16).atp.budget_weight.dtype == torch.float32
+    assert float(resumed.atp.budget_violation) == pytest.approx(float(model.atp.budget_violation), rel=1e-5)
+    # bfloat16 models keep float32 budget state: it sums small steps over a whole run
+    half = copy.deepcopy(model).to(torch.bfloat16).atp
+    assert half.budget_weight.dtype == half.budget_violation.dtype == torch.float32
 
 
 def test_the_weight_steps_once_per_accumulated_batch(stock, batch2):
     """Forwards that are parts of one optimizer step's batch (budget_share, from Trainer's
-    num_items_in_batch) use the same weight, and the weight steps once, on the whole batch's
-    N_bar: what one forward on the whole batch does."""
-    cfg = ATPConfig(layers=(1, 2, 3), target_tokens=200, init_threshold=0.5)
+    num_items_in_batch) use the same weight, and the step's error is the whole batch's N_bar's:
+    what one forward on the whole batch gives."""
+    cfg = ATPConfig(layers=(1, 2, 3), target_tokens=200, init_threshold=0.5, budget_window=1)
     base = apply_atp(copy.deepcopy(stock), cfg).train()
     whole, halves = copy.deepcopy(base), copy.deepcopy(base)  # the same threshold MLPs
     out = whole(**batch2)
@@ -249,7 +261,8 @@ def test_the_weight_steps_once_per_accumulated_batch(stock, batch2):
         errors.append(part_out.atp_stats["budget_error"])
     assert weights == [pytest.approx(cfg.lambda_target)] * 2 and errors[0] is None
     assert float(errors[1]) == pytest.approx(float(out.atp_stats["budget_error"]), rel=1e-5)
-    assert float(halves.atp.budget_weight) == pytest.approx(float(whole.atp.budget_weight), rel=1e-6)
+    assert float(halves.atp.budget_violation) == pytest.approx(float(whole.atp.budget_violation), rel=1e-5)
+    assert float(halves.atp.budget_violation) == pytest.approx(abs(float(errors[1])), rel=1e-5)
 
 
 def test_eval_and_no_grad_forwards_leave_the_weight_alone(stock, batch2):
@@ -261,9 +274,10 @@ def test_eval_and_no_grad_forwards_leave_the_weight_alone(stock, batch2):
 
 
 def _weights_run(rank, world_size, port, out_dir):
-    """3 DDP steps (gloo) on rank-local batches of 2; at the third step rank 1's batch has no
-    image. Saves the budget weight after each step. With world_size 1: the same steps on the
-    union of the ranks' batches."""
+    """4 DDP steps (gloo) on rank-local batches of 2; at the third step rank 1's batch has no
+    image. Saves the budget weight and error after each step. With world_size 1: the same steps
+    on the union of the ranks' batches. The target is out of reach (every image at the floor
+    keeps more than 100 per layer on average): the error stalls and the weight doubles."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -271,23 +285,24 @@ def _weights_run(rank, world_size, port, out_dir):
     if world_size > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=200)).train()
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3), target_tokens=100, init_threshold=0.9,
+                                                       budget_window=1)).train()
     runner = DistributedDataParallel(model) if world_size > 1 else model
     opt = torch.optim.AdamW(param_groups(model), weight_decay=0.0)
-    data = _data(12, 20)
+    data = _data(16, 20)
 
     def batch(r, step):
         items = [data[4 * step + 2 * r + j] for j in range(2)]
         return [_without_image(ex) for ex in items] if (step == 2 and r == 1) else items
 
     weights = []
-    for step in range(3):
+    for step in range(4):
         items = batch(rank, step) if world_size > 1 else batch(0, step) + batch(1, step)
         out = runner(**collate(items), use_cache=False)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        weights.append(float(model.atp.budget_weight))
+        weights.append((float(model.atp.budget_weight), float(model.atp.budget_violation)))
     torch.save(weights, os.path.join(out_dir, f"w{world_size}_{rank}.pt"))
     if world_size > 1:
         dist.destroy_process_group()
@@ -307,8 +322,9 @@ def test_the_weight_is_the_same_on_two_gloo_ranks(tmp_path):
     _weights_run(0, 1, port, str(tmp_path))
     r0, r1, single = (torch.load(tmp_path / name) for name in ("w2_0.pt", "w2_1.pt", "w1_0.pt"))
     assert r0 == r1, (r0, r1)
-    assert r0 == pytest.approx(single, rel=1e-5)
-    assert r0[0] < r0[1] < r0[2]  # N_bar far above 200: the weight grew at every step
+    assert [w for w, _ in r0] == pytest.approx([w for w, _ in single], rel=1e-6)
+    assert [v for _, v in r0] == pytest.approx([v for _, v in single], rel=1e-5)
+    assert r0[0][0] < r0[-1][0]  # the error stalled: the weight grew
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,28 +33,32 @@ def fsdp_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """One process, the same steps: the mean of the two ranks' losses (FSDP2 averages the
-    ranks' gradients), AdamW with the worker's settings."""
+    ranks' gradients), AdamW with the worker's settings; the budget state steps once per step
+    on both ranks' counts, as the ranks' all-reduce makes it."""
     model = apply_atp(tiny_llava(4, seed=0), ATPConfig(**worker.CONFIG)).train()
     opt = torch.optim.AdamW(worker.atp_params(model).values(), lr=worker.LR)
     cfg = model.atp.config
     losses, weights = [], []
     for step in range(worker.STEPS):
         opt.zero_grad()
-        weight = model.atp.budget_weight.clone()
+        state = model.atp.budget_weight.clone(), model.atp.budget_violation.clone()
         outs = []
-        for r in range(2):  # both with the step's weight, as the two ranks' forwards run
-            model.atp.budget_weight.copy_(weight)
+        for r in range(2):  # both with the step's budget state, as the two ranks' forwards run
+            model.atp.budget_weight.copy_(state[0])
+            model.atp.budget_violation.copy_(state[1])
             outs.append(model(**worker.rank_batch(step, r), use_cache=False))
         ((outs[0].loss + outs[1].loss) / 2).backward()
         opt.step()
         losses.append([float(o.loss.detach()) for o in outs])
-        # the ranks step the weight once, on their all-reduced counts
+        # the ranks step the budget once, on their all-reduced counts
         sums = sum(torch.stack([o.atp_stats["n_bar_batch"] * n, o.atp_stats["n_target"] * n, n])
                    for o in outs for n in [(o.atp_stats["images_per_sample"] > 0).sum().float()])
-        adapt_budget_weight(weight, budget_error(torch.cat([sums, torch.ones(1)])), cfg.lambda_target,
-                            cfg.weight_rate, cfg.budget_tolerance)
+        weight, violation = state
+        adapt_budget_weight(weight, violation, float(budget_error(sums).abs()), cfg.lambda_target, cfg.weight_growth,
+                            cfg.budget_tolerance)
         model.atp.budget_weight.copy_(weight)
-        weights.append(float(weight))
+        model.atp.budget_violation.copy_(violation)
+        weights.append((float(weight), float(violation)))
     return model.eval(), losses, weights
 
 
@@ -74,9 +78,12 @@ def test_fsdp2_two_ranks_train_like_one_process(fsdp_run, reference):
     assert any(not torch.equal(ranks[0]["params"]["atp." + k], v) for k, v in init.items()), "nothing trained"
     for n in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
-    # the budget weight: the same on both ranks, the one-process value, grown (N_bar > target)
-    assert ranks[0]["weights"] == ranks[1]["weights"] == pytest.approx(ref_weights, rel=1e-6)
-    assert ranks[0]["weights"][0] > ATPConfig().lambda_target
+    # the budget weight and error: the same on both ranks, the one-process values; the error
+    # stalled far above the target, so the weight doubled at the second step
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for (w, v), (ref_w, ref_v) in zip(ranks[0]["weights"], ref_weights):
+        assert (w, v) == (pytest.approx(ref_w, rel=1e-6), pytest.approx(ref_v, rel=1e-5))
+    assert ranks[0]["weights"][1][0] == pytest.approx(2 * ATPConfig().lambda_target)
 
 
 def test_fsdp2_eval_generate_and_save_match_an_unsharded_model(fsdp_run, reference):

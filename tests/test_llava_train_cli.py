@@ -78,13 +78,13 @@ def test_cli_defaults_are_atpconfig_and_optim_defaults():
     assert got == ("raw", "soft", 0, "l1", 3.0)
     # the paper's fixed-weight penalty and plain sigmoid, the budget weight's settings, random mode
     args = build_parser().parse_args(["--tiny", "--synthetic", "1", "--budget-control", "penalty", "--logit-bound",
-                                      "none", "--weight-rate", "0.5", "--budget-tolerance", "0.01",
+                                      "none", "--weight-growth", "3", "--budget-window", "5", "--budget-tolerance", "0.01",
                                       "--init-spatial-threshold", "0.9", "--layers", "1,2", "--mode", "random",
                                       "--fixed-keep", "9,3", "--random-seed", "4", "--train-lm"])
     cfg = config_from_args(args)
-    got = (cfg.budget_control, cfg.logit_bound, cfg.weight_rate, cfg.budget_tolerance, cfg.init_spatial_threshold,
-           cfg.mode, cfg.fixed_keep, cfg.random_seed)
-    assert got == ("penalty", None, 0.5, 0.01, 0.9, "random", (9, 3), 4)
+    got = (cfg.budget_control, cfg.logit_bound, cfg.weight_growth, cfg.budget_window, cfg.budget_tolerance,
+           cfg.init_spatial_threshold, cfg.mode, cfg.fixed_keep, cfg.random_seed)
+    assert got == ("penalty", None, 3.0, 5, 0.01, 0.9, "random", (9, 3), 4)
 
 
 def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):

@@ -5,8 +5,8 @@
 One optimizer step (SGD, constant learning rate, no clipping) on the first B x N x W examples of
 a fixed dataset, taken in order; rank 0 writes to OUT (torch.save) the ATP parameters' gradients
 at the optimizer step, the parameters after it, Trainer's log history, every forward's N_bar and
-every rank's budget weight after the step, so that runs with different B, N and W can be
-compared.
+every rank's budget weight and error after the step, so that runs with different B, N and W
+can be compared.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E40
 from atp_llava.trainer import ZERO3_CONFIG, ATPCallback, ATPTrainer  # noqa: E402
 
 N_GRID = 576
-CONFIG = dict(layers=(1, 2, 3), target_tokens=200)
+CONFIG = dict(layers=(1, 2, 3), target_tokens=200, budget_window=1)  # a budget window per step
 TEXT_ONLY = (2, 3)  # without --plain: these examples have no image (a text-only micro-batch at B = 2)
 
 
@@ -67,6 +67,11 @@ class Record(TrainerCallback):
         if args.deepspeed:  # DeepSpeed keeps the gradients (partitioned) and has stepped already
             return
         self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if n.startswith("atp.")}
+
+
+def budget_state(model):
+    """ATPConfig.budget_control's state: the weight and the last window's error."""
+    return float(model.atp.budget_weight), float(model.atp.budget_violation)
 
 
 def EVAL(n):
@@ -112,9 +117,9 @@ def main():
     n_bars, weights = [None] * world, [None] * world
     if world > 1:
         torch.distributed.all_gather_object(n_bars, record.n_bars)
-        torch.distributed.all_gather_object(weights, float(model.atp.budget_weight))
+        torch.distributed.all_gather_object(weights, budget_state(model))
     else:
-        n_bars, weights = [record.n_bars], [float(model.atp.budget_weight)]
+        n_bars, weights = [record.n_bars], [budget_state(model)]
     with _gathered(model.atp):  # whole under ZeRO-3
         params = {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("atp.")}
     result = {"grads": record.grads, "log_history": trainer.state.log_history, "n_bars": n_bars, "params": params,

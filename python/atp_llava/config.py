@@ -115,22 +115,21 @@ class ATPConfig:
             ``|N_bar - N_target|`` (the paper).
         target_delta: the Huber zone of ``target_loss="huber"``, in tokens.
         budget_control: how the budget is held. "constraint": ``target_tokens`` is a
-            constraint. L_target's weight (``model.atp.budget_weight``, saved with the ATP
-            weights) starts at ``lambda_target`` and, after every training forward, is
-            multiplied by ``exp(weight_rate * (|e| - budget_tolerance))``, ``e`` the relative
-            error of the batch's N_bar (averaged over every process first, so the weight is the
-            same on all), never below ``lambda_target``: the weight grows while N_bar is off
-            the target, from above or from below, until the budget term outweighs whatever
-            holds N_bar away (the next-token gradient, L_ATP), and relaxes once N_bar is held
-            within the tolerance. The penalty method with an increasing weight: at any weight
-            the equilibrium of a fixed-weight penalty is off the target by the next-token
-            gradient over the weight, so the offset shrinks as the weight grows. "penalty":
-            Eq. 14 with the fixed ``lambda_target`` (the paper), whose equilibrium is wherever
-            the next-token gradient balances it.
-        weight_rate: ``budget_control="constraint"``: the log budget weight's step per unit of
-            relative error beyond the tolerance (|e| counts at most 1 per step).
-        budget_tolerance: ``budget_control="constraint"``: the relative error of N_bar below
-            which the budget weight relaxes back towards ``lambda_target``.
+            constraint. L_target's weight ``w`` (``model.atp.budget_weight``, saved with the ATP
+            weights) starts at ``lambda_target``; every ``budget_window`` optimizer steps it
+            compares ``|e|``, ``e`` the window's mean relative error of the hard N_bar of each
+            step's batch (over every process, so ``w`` is the same on all), with the window
+            before: while ``|e|`` stays above ``budget_tolerance`` and has not fallen by a quarter,
+            ``w`` is multiplied by ``weight_growth``; once it is within the tolerance, ``w`` is
+            divided by its fourth root, never below ``lambda_target``. The penalty method's rule for its
+            weight (raise it when the violation does not fall fast enough): a fixed weight
+            settles off the target by the next-token gradient over the weight; the growing one
+            until that offset is within the tolerance, from above or from below, on any task.
+            "penalty": Eq. 14 with the fixed ``lambda_target`` (the paper).
+        weight_growth: ``budget_control="constraint"``: the factor of one change of ``w``.
+        budget_window: ``budget_control="constraint"``: optimizer steps per comparison.
+        budget_tolerance: ``budget_control="constraint"``: the relative error of N_bar within
+            which ``w`` relaxes back towards ``lambda_target``.
         logit_bound: the thresholds' pre-sigmoid logits are clamped to [-b, b] in the forward
             (theta in [sigmoid(-b), sigmoid(b)]); the backward passes a gradient that points back
             inside, and only that, where a logit is at the bound, so a threshold at its limit
@@ -167,7 +166,8 @@ class ATPConfig:
     target_loss: str = "huber"
     target_delta: float = 8.0
     budget_control: str = "constraint"
-    weight_rate: float = 0.3
+    weight_growth: float = 2.0
+    budget_window: int = 10
     budget_tolerance: float = 0.02
     logit_bound: Optional[float] = 6.0
     random_seed: int = 0
@@ -215,8 +215,11 @@ class ATPConfig:
             raise ValueError(f"ATPConfig.target_delta must be > 0, got {self.target_delta}")
         if self.temperature <= 0:
             raise ValueError(f"ATPConfig.temperature must be > 0, got {self.temperature}")
-        if not self.weight_rate > 0:
-            raise ValueError(f"ATPConfig.weight_rate must be > 0, got {self.weight_rate}")
+        if not self.weight_growth > 1.0:
+            raise ValueError(f"ATPConfig.weight_growth must be > 1, got {self.weight_growth}")
+        self.budget_window = int(self.budget_window)
+        if self.budget_window < 1:
+            raise ValueError(f"ATPConfig.budget_window must be >= 1, got {self.budget_window}")
         if not 0.0 <= self.budget_tolerance < 1.0:
             raise ValueError(f"ATPConfig.budget_tolerance must lie in [0, 1), got {self.budget_tolerance}")
         if not self.lambda_target > 0 and self.budget_control == "constraint":

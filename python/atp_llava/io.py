@@ -1,7 +1,8 @@
 """Save and load the ATP module weights on their own (safetensors), to ship beside a base model.
 
 The file holds ``model.atp.state_dict()`` (keys like ``mlps.4.proj.weight``, and
-``budget_weight``, the state of ATPConfig.budget_control that training resumes from) and, in
+``budget_weight`` and ``budget_violation``, the state of ATPConfig.budget_control that
+training resumes from) and, in
 its metadata, the ATPConfig as JSON, so ``load_atp`` can rebuild the modules on a fresh stock
 model.
 """
@@ -25,7 +26,7 @@ _FORMAT_KEY = "format"
 _FORMAT = "atp_llava/3"
 # Older files predate these ATPConfig fields and were trained with the choices of their time:
 # format 1 with the paper's, format 2 with a fixed budget weight and unbounded threshold logits.
-# Neither holds the budget weight buffer (added as lambda_target when they load).
+# Neither holds the budget buffers (added as lambda_target and inf when they load).
 _FORMAT_2_DEFAULTS = {"budget_control": "penalty", "logit_bound": None}
 _FORMAT_1_DEFAULTS = {"mlp_inputs": "raw", "budget": "soft", "min_keep": 0, "target_loss": "l1", **_FORMAT_2_DEFAULTS}
 _OLD_FORMATS = {"atp_llava/1": _FORMAT_1_DEFAULTS, "atp_llava/2": _FORMAT_2_DEFAULTS}
@@ -98,5 +99,6 @@ def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[A
     state = load_file(str(path), device=str(device))
     if "budget_weight" not in state:  # formats 1 and 2: trained with the fixed weight
         state["budget_weight"] = torch.tensor(float(model.atp.config.lambda_target), device=device)
+        state["budget_violation"] = torch.tensor(float("inf"), device=device)
     model.atp.load_state_dict(state, strict=strict)
     return model

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from .layout import VisionLayout
 
 __all__ = ["tokens_per_layer", "n_bar", "atp_losses", "target_loss", "min_reachable_tokens", "budget_share",
-           "budget_sums", "budget_error", "adapt_budget_weight", "SAMPLES_IN_BATCH"]
+           "budget_sums", "budget_error", "adapt_budget_weight", "PROGRESS", "RELAX",
+           "SAMPLES_IN_BATCH"]
 
 # The model's keyword argument: samples with an image in the whole accumulated batch (all forwards
 # of one optimizer step, all processes), beside Trainer's num_items_in_batch.
@@ -188,17 +189,30 @@ def budget_error(sums: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (n_bar_all - target_all) / target_all.clamp_min(1e-6), torch.zeros_like(count))
 
 
+# ATPConfig.budget_control "constraint": the violation must fall by this factor per window, or the
+# weight grows (the penalty method's test of progress); within the tolerance the weight relaxes by
+# growth ** RELAX per window, a quarter of a growth step, so a weight the task needs is not lost
+# in one window (the classic penalty methods never lower it).
+PROGRESS = 0.75
+RELAX = 0.25
+
+
 @torch.no_grad()
-def adapt_budget_weight(weight: torch.Tensor, error: torch.Tensor, floor: float, rate: float, tolerance: float,
-                        cap: float = 1e4) -> None:
-    """One step of ATPConfig.budget_control "constraint", in place: ``weight *= exp(rate * (|e| -
-    tolerance))`` with ``|e|`` (``budget_error``) counted at most 1, kept within ``[floor, floor *
-    cap]``. The weight grows while N_bar is off the target on either side and relaxes back to
-    ``floor`` (lambda_target) while it is within the tolerance; growing by factors, it reaches
-    the weight any next-token gradient needs in a number of steps that depends on that weight's
-    logarithm, with no scale to tune."""
-    e = error.to(weight.device, weight.dtype).abs().clamp_max(1.0)
-    weight.mul_(torch.exp(rate * (e - tolerance))).clamp_(floor, floor * cap)
+def adapt_budget_weight(weight: torch.Tensor, violation: torch.Tensor, mean_error: float, floor: float,
+                        growth: float, tolerance: float, cap: float = 1e4) -> None:
+    """One window of ATPConfig.budget_control "constraint", in place. ``mean_error``: ``|e|`` of
+    the mean relative error ``e`` (``budget_error``) of the window's optimizer steps;
+    ``violation``: the previous window's (inf before the first). Within ``tolerance`` the weight is divided by ``growth``
+    (never below ``floor``, lambda_target); above it, multiplied by ``growth`` (never above
+    ``floor * cap``) unless the error fell to ``PROGRESS`` times the previous window's or less: a
+    weight that brings N_bar towards the target fast enough is kept, one that does not is raised,
+    so it reaches what the next-token gradient needs in a number of windows that goes with that
+    weight's logarithm. ``violation`` becomes ``mean_error``."""
+    if mean_error <= tolerance:
+        weight.div_(growth ** RELAX).clamp_(min=floor)
+    elif mean_error > PROGRESS * float(violation):
+        weight.mul_(growth).clamp_(max=floor * cap)
+    violation.fill_(mean_error)
 
 
 def min_reachable_tokens(atp_layers: Sequence[int], num_layers: int, n_grid: int, floor: int) -> float:

@@ -149,6 +149,8 @@ class ATPModules(nn.Module):
         budget_weight: () float32 buffer, the weight of L_target: ``lambda_target`` at the
             start, adapted during training with ``budget_control="constraint"``
             (``atp_llava.losses.adapt_budget_weight``), fixed otherwise.
+        budget_violation: () float32 buffer, the mean relative error of N_bar over the last
+            window of ``budget_control="constraint"`` (inf before the first).
     """
 
     N_GLOBALS = 3  # log token count, log aspect ratio, kept fraction (images of varying size)
@@ -166,9 +168,11 @@ class ATPModules(nn.Module):
                 self.mlps[str(layer)] = ThresholdMLP(self.canvas[0] * self.canvas[1], config.mlp_width,
                                                      config.init_threshold, config.mlp_inputs, self.n_globals,
                                                      config.logit_bound, config.init_spatial_threshold)
-        # L_target's weight (ATPConfig.budget_control): state of the training, saved and loaded
-        # with the weights, the same on every process.
+        # L_target's weight and the last window's mean relative error of N_bar
+        # (ATPConfig.budget_control): state of the training, saved and loaded with the weights,
+        # the same on every process.
         self.register_buffer("budget_weight", torch.tensor(float(config.lambda_target), dtype=torch.float32))
+        self.register_buffer("budget_violation", torch.tensor(float("inf"), dtype=torch.float32))
         self.spatial = SpatialScores(config.lambda_sample, config.strides)
         if self.grid is not None:
             self.spatial.map(self.grid)  # a bad grid or stride fails here, not in the first forward
@@ -177,7 +181,8 @@ class ATPModules(nn.Module):
         # model.to(torch.bfloat16) and the like cast every floating buffer; the budget weight
         # takes small steps over a whole training run and stays float32.
         super()._apply(fn, recurse)
-        self._buffers["budget_weight"] = self._buffers["budget_weight"].float()
+        for name in ("budget_weight", "budget_violation"):
+            self._buffers[name] = self._buffers[name].float()
         return self
 
     def cells(self, layout: VisionLayout) -> Optional[torch.Tensor]:

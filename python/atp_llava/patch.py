@@ -353,6 +353,7 @@ class ATPController:
         self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
         self._budget_sums: Optional[torch.Tensor] = None  # this optimizer step's forwards so far (losses.budget_sums)
+        self._window: List[torch.Tensor] = []  # the errors of this budget window's steps so far
         # mode "random": the draws, on the CPU so that a seed selects the same tokens on any device
         self._random = torch.Generator().manual_seed(self.config.random_seed)
 
@@ -564,20 +565,26 @@ class ATPController:
 
     def _adapt_budget_weight(self, n_bar_batch: torch.Tensor, target: torch.Tensor, lay: VisionLayout,
                              share: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """ATPConfig.budget_control "constraint": one step of the budget weight per optimizer
-        step, from the error of the whole batch that step trains on, over every process. The
-        forwards of an accumulated batch (their shares, ``budget_share``, sum to 1) add their
-        counts up and all use the weight of the step before; the last one steps the weight.
-        Returns the error of the step (None until its batch is complete). The counts are the
-        ones the budget losses see: the hard counts under the default ``budget="hard"``."""
+        """ATPConfig.budget_control "constraint": the error of each optimizer step's batch, over
+        every process; every ``budget_window`` steps, one step of the budget weight
+        (``adapt_budget_weight``). The forwards of an accumulated batch (their shares,
+        ``budget_share``, sum to 1) add their counts up; the last one ends the step. Returns the
+        step's error (None until its batch is complete). The counts are the ones the budget
+        losses see: the hard counts under the default ``budget="hard"``."""
         sums = budget_sums(n_bar_batch, target, lay, share)
         self._budget_sums = sums if self._budget_sums is None else self._budget_sums + sums
         if share is not None and float(self._budget_sums[3]) < 1.0 - 1e-4:  # more forwards of this step to come
             return None
         sums, self._budget_sums = self._budget_sums, None
         error = budget_error(sums)
+        self._window.append(error)
         cfg = self.config
-        adapt_budget_weight(self.atp.budget_weight, error, cfg.lambda_target, cfg.weight_rate, cfg.budget_tolerance)
+        if len(self._window) >= cfg.budget_window:
+            # the window's mean error: its steps' noise averages out, a bias on either side stays
+            mean_error = float(torch.stack(self._window).mean().abs())
+            self._window = []
+            adapt_budget_weight(self.atp.budget_weight, self.atp.budget_violation, mean_error, cfg.lambda_target,
+                                cfg.weight_growth, cfg.budget_tolerance)
         return error
 
     def _flash_kernel(self, model: nn.Module) -> Optional[Callable]:

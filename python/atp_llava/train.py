@@ -123,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     atp.add_argument("--budget-control", default=_DEFAULTS["budget_control"], choices=BUDGET_CONTROLS,
                      help="constraint: L_target's weight grows while N_bar is off the target; penalty: the fixed "
                           "--lambda-target of Eq. 14 (the paper)")
-    atp.add_argument("--weight-rate", type=float, default=_DEFAULTS["weight_rate"],
-                     help="--budget-control constraint: the log weight's step per unit of relative error")
+    atp.add_argument("--weight-growth", type=float, default=_DEFAULTS["weight_growth"],
+                     help="--budget-control constraint: the factor of one change of L_target's weight")
+    atp.add_argument("--budget-window", type=int, default=_DEFAULTS["budget_window"],
+                     help="--budget-control constraint: optimizer steps per change of L_target's weight")
     atp.add_argument("--budget-tolerance", type=float, default=_DEFAULTS["budget_tolerance"],
-                     help="--budget-control constraint: the relative error of N_bar within which the weight relaxes")
+                     help="--budget-control constraint: the relative error of N_bar within which the weight "
+                          "relaxes")
     atp.add_argument("--logit-bound", type=_bound, default=_DEFAULTS["logit_bound"],
                      help="thresholds' pre-sigmoid logits held in [-B, B], gradients passed back inside; 'none': the "
                           "plain sigmoid (the paper)")
@@ -176,7 +179,8 @@ def config_from_args(args: argparse.Namespace) -> ATPConfig:
                      mode=args.mode, fixed_keep=_ints(args.fixed_keep),
                      train_lm=args.train_lm, mlp_inputs=args.mlp_inputs, budget=args.budget,
                      min_keep=args.min_keep, target_loss=args.target_loss, target_delta=args.target_delta,
-                     budget_control=args.budget_control, weight_rate=args.weight_rate,
+                     budget_control=args.budget_control, weight_growth=args.weight_growth,
+                     budget_window=args.budget_window,
                      budget_tolerance=args.budget_tolerance, logit_bound=args.logit_bound,
                      random_seed=args.random_seed)
 

@@ -48,5 +48,8 @@ def test_quick_run_reports_every_arm_and_target():
     layer = report["arms"][1]["eval"]["layers"]["2"]
     kept = layer["redundancy_only"] + layer["spatial_only"] + layer["both"]
     assert kept == pytest.approx(layer["tokens"]["mean"])  # every kept token is counted by one branch
+    recall = report["arms"][0]["score_recall"]  # per possible first ATP layer of the 4-layer LM
+    assert set(recall) == {"1", "2", "3"} and recall["1"]["random"] == pytest.approx(24 / 144)
+    assert all(0.0 <= r[k] <= 1.0 for r in recall.values() for k in ("s_red", "fastv"))
     assert set(report["targets"]["all_seeds"]) == {"n_bar_within_5pct", "no_saturated_threshold",
                                                    "tokens_rise_with_need", "adaptive_geq_baselines"}

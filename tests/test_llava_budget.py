@@ -5,10 +5,7 @@ thresholds that come back from their limit; the paper's Eq. 14 as an option. CPU
 from __future__ import annotations
 
 import copy
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,19 +22,8 @@ from atp_llava.patch import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
 from atp_llava.spatial import spatial_score  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 
-from test_llava_training import N_GRID, make_batch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def stock():
-    return tiny_llava(4)
-
-
-@pytest.fixture(scope="module")
-def batch2():
-    return make_batch([600, 596], ["right", "left"])
+from test_llava_adaptive import batch2, stock  # noqa: E402,F401 (the fixtures: a tiny LLaVA, a 2-sample batch)
+from test_llava_training import N_GRID  # noqa: E402
 
 
 def _data(n, seed):

@@ -87,7 +87,7 @@ def test_a_threshold_driven_to_its_limit_comes_back(bound):
     torch.manual_seed(0)
     mlp = ThresholdMLP(64, 16, 0.5, logit_bound=bound)
     s_self, s_cross, kept = torch.randn(4, 64), torch.rand(4, 64), torch.ones(4, 64, dtype=torch.bool)
-    opt = torch.optim.Adam(mlp.parameters(), lr=0.05)
+    opt = torch.optim.Adam(mlp.parameters(), lr=0.01)
 
     def steps(n, sign):
         for _ in range(n):
@@ -99,8 +99,8 @@ def test_a_threshold_driven_to_its_limit_comes_back(bound):
     steps(300, -1.0)  # up
     with torch.no_grad():
         at_limit = mlp(s_self, s_cross, kept)[0]
-    if bound:  # at the limit sigmoid(6), give or take the optimizer's last step
-        assert torch.all((at_limit - torch.sigmoid(torch.tensor(6.0))).abs() < 1e-3), at_limit
+    if bound:  # at the limit sigmoid(6), give or take the optimizer's last steps
+        assert torch.all((at_limit - torch.sigmoid(torch.tensor(6.0))).abs() < 5e-3), at_limit
     else:
         assert torch.all(at_limit == 1.0)
     steps(25, 1.0)  # down
@@ -218,7 +218,7 @@ def test_budget_weight_is_saved_loaded_and_resumed(stock, tmp_path):
     resumed = load_atp(copy.deepcopy(stock), tmp_path / "atp.safetensors")
     assert (float(resumed.atp.budget_weight), float(resumed.atp.budget_violation)) == (weight, violation)
     opt2 = torch.optim.AdamW(param_groups(resumed), weight_decay=0.0)
-    opt2.load_state_dict(opt.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: the live state is shared otherwise
     data = _data(64, 0)
     more = [data[16 + j] for j in range(8)]  # the batches after _train's first 4 steps
     _train(model, 2, resist=0.3, opt=opt, data=more)

@@ -94,8 +94,8 @@ class ATPConfig:
             sections; None = Qwen2-VL's proportions (1/4, 3/8, 3/8), e.g. (16, 24, 24) at
             head_dim 128.
 
-    Options that depart from the paper (each switchable back; README "Training that learns
-    adaptive budgets" gives the reasons and the experiment that ablates them):
+    Options that depart from the paper (each switchable back; README "Training that holds the
+    budget and learns adaptive ones" gives the reasons and the experiment that ablates them):
         mlp_inputs: what the threshold MLP sees. "normalized": S_self and S_cross each min-max
             normalised to [0, 1] over the image's kept tokens (pruned positions 0), so its input
             scale does not depend on the LM (raw logits of a trained LM are ~150x those of a

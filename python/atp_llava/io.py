@@ -23,13 +23,17 @@ __all__ = ["save_atp", "load_atp", "read_atp_config"]
 
 _CONFIG_KEY = "atp_config"
 _FORMAT_KEY = "format"
-_FORMAT = "atp_llava/3"
+_FORMAT = "atp_llava/4"
 # Older files predate these ATPConfig fields and were trained with the choices of their time:
 # format 1 with the paper's, format 2 with a fixed budget weight and unbounded threshold logits.
 # Neither holds the budget buffers (added as lambda_target and inf when they load).
 _FORMAT_2_DEFAULTS = {"budget_control": "penalty", "logit_bound": None}
 _FORMAT_1_DEFAULTS = {"mlp_inputs": "raw", "budget": "soft", "min_keep": 0, "target_loss": "l1", **_FORMAT_2_DEFAULTS}
-_OLD_FORMATS = {"atp_llava/1": _FORMAT_1_DEFAULTS, "atp_llava/2": _FORMAT_2_DEFAULTS}
+_OLD_FORMATS = {"atp_llava/1": _FORMAT_1_DEFAULTS, "atp_llava/2": _FORMAT_2_DEFAULTS, "atp_llava/3": {}}
+# Formats 2 and 3 divided the "normalized" MLP inputs by the canvas's cell count; their first
+# layer's weights on the scores are divided by it when they load, which computes the same
+# thresholds from the [0, 1] inputs of today.
+_INPUTS_PER_CELL = ("atp_llava/2", "atp_llava/3")
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -69,12 +73,20 @@ def save_atp(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         save_file(tensors, str(path), metadata={_CONFIG_KEY: atp.config.to_json(), _FORMAT_KEY: _FORMAT})
 
 
-def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
-    """The ATPConfig stored in an ATP weights file."""
+def _metadata(path: Union[str, os.PathLike]) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        return f.metadata() or {}
+
+
+def _file_format(path: Union[str, os.PathLike]) -> Optional[str]:
+    return _metadata(path).get(_FORMAT_KEY)
+
+
+def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
+    """The ATPConfig stored in an ATP weights file."""
+    meta = _metadata(path)
     fmt = meta.get(_FORMAT_KEY)
     if (fmt != _FORMAT and fmt not in _OLD_FORMATS) or _CONFIG_KEY not in meta:
         raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {fmt!r})")
@@ -97,6 +109,11 @@ def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[A
         apply_atp(model, config if config is not None else read_atp_config(path))
     device = next(model.atp.parameters(), next(model.parameters())).device
     state = load_file(str(path), device=str(device))
+    if _file_format(path) in _INPUTS_PER_CELL and read_atp_config(path).mlp_inputs == "normalized":
+        for layer, mlp in model.atp.mlps.items():
+            key = f"mlps.{layer}.proj.weight"
+            scores = 2 * mlp.n_cells  # the columns of S_self and S_cross; the global features follow
+            state[key] = torch.cat([state[key][:, :scores] / mlp.n_cells, state[key][:, scores:]], dim=1)
     if "budget_weight" not in state:  # formats 1 and 2: trained with the fixed weight
         state["budget_weight"] = torch.tensor(float(model.atp.config.lambda_target), device=device)
         state["budget_violation"] = torch.tensor(float("inf"), device=device)

@@ -62,9 +62,8 @@ class ThresholdMLP(nn.Module):
     follow for families whose images differ in size. ``logit_bound`` (ATPConfig.logit_bound):
     the heads' logits pass ``bounded_logit`` before the sigmoid. ``inputs`` (ATPConfig.mlp_inputs):
     "normalized" min-max normalises each score over the image's kept tokens first
-    (``atp_ops.normalize_scores``) and divides it by ``n_cells``, so the input does not change
-    when the LM's logits are 100x larger and an optimizer step moves the first layer's output by
-    about the learning rate on any canvas; "raw" feeds the scores as they are (the paper).
+    (``atp_ops.normalize_scores``) to [0, 1], so the input does not change when the LM's logits
+    are 100x larger; "raw" feeds the scores as they are (the paper).
     """
 
     def __init__(self, n_cells: int, width: int, init_threshold: float, inputs: str = "normalized",
@@ -108,11 +107,11 @@ class ThresholdMLP(nn.Module):
             raise ValueError(f"ThresholdMLP: expected {self.n_globals} global features, got "
                              f"{None if extra is None else tuple(extra.shape)}")
         if self.inputs == "normalized":
-            # Each score in [0, 1], divided by the number of cells: the first layer computes
-            # weighted means, so one Adam step (every weight moves by about lr) moves z by
-            # about lr whatever the canvas or the LM. (The thresholds' level moves faster as the
-            # head's weights grow; ATPConfig.budget_control holds it at the target.)
-            parts = [self._pool(atp_ops.normalize_scores(s, kept), kept, cell) / self.n_cells for s in (s_self, s_cross)]
+            # Each score in [0, 1] whatever the LM: inputs of unit scale, which the first layer's
+            # initialisation expects, so that the thresholds differ between instances from the
+            # first step. (Divided by the number of cells, as they once were, the inputs left the
+            # MLP's output nearly constant across instances: no instance adaptivity.)
+            parts = [self._pool(atp_ops.normalize_scores(s, kept), kept, cell) for s in (s_self, s_cross)]
         else:
             parts = [self._pool(torch.where(kept, s, torch.zeros_like(s)).float(), kept, cell) for s in (s_self, s_cross)]
         if extra is not None:

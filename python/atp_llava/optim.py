@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["param_groups", "DEFAULT_LR_ATP", "DEFAULT_LR_LM"]
 
-DEFAULT_LR_ATP = 3e-3  # the threshold MLPs (model.atp), with ATPConfig.mlp_inputs="normalized" (grid-independent)
+DEFAULT_LR_ATP = 1e-3  # the threshold MLPs (model.atp), with ATPConfig.mlp_inputs="normalized" (scores in [0, 1])
 DEFAULT_LR_LM = 2e-5   # LLaVA-1.5's instruction-tuning learning rate (ATPConfig.train_lm)
 
 _ATP_PREFIX = "atp."

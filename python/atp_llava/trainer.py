@@ -3,7 +3,7 @@ ATP and LM learning rates, and the budget statistics in Trainer's logs.
 
     from atp_llava.trainer import ATPTrainer
     trainer = ATPTrainer(model=apply_atp(llava, ATPConfig(...)), args=TrainingArguments(...,
-                         learning_rate=2e-5), train_dataset=..., data_collator=collate, lr_atp=3e-3)
+                         learning_rate=2e-5), train_dataset=..., data_collator=collate, lr_atp=1e-3)
     trainer.train()
 
 ``ATPTrainer`` is a ``transformers.Trainer`` that

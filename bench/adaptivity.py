@@ -43,7 +43,7 @@ per seed, on the adaptive arm: eval N_bar within 5% of the target; no saturated 
 tokens kept rise with need (Spearman > 0.3 at the first ATP layer); accuracy at least that of
 fixed, random and FastV.
 
-    python bench/adaptivity.py                      # count, 3 seeds, ~30 min on 2 cores; JSON + PNGs
+    python bench/adaptivity.py                      # count, 3 seeds, ~40 min on one core; JSON + PNGs
     python bench/adaptivity.py --task colour        # the two-kind task
     python bench/adaptivity.py --task colour --grid 24 --target 160 --arm-steps 400 --frozen-lm --seeds 0 \
         --ablations penalty paper_budget            # a 24 x 24 grid, the LM frozen
@@ -163,7 +163,7 @@ class ColourTask(_Task):
 
 TASKS = {"count": CountTask, "colour": ColourTask}
 # per task: ATP layers, target N_bar, warm-up steps, arm steps (the defaults of the command line)
-TASK_DEFAULTS = {"count": ((2, 3), 84.0, 1500, 200), "colour": ((1, 2, 3), 60.0, 500, 80)}
+TASK_DEFAULTS = {"count": ((2, 3), 84.0, 3000, 200), "colour": ((1, 2, 3), 60.0, 500, 80)}
 
 
 def task(n: int, seed: int, model, args) -> _Task:
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (count: 2 3; colour: 1 2 3)")
     p.add_argument("--grid", type=int, default=12, help="vision-token grid side (tiny LLaVA at 2 px patches)")
     p.add_argument("--target", type=float, default=None, help="N_bar target (count: 84; colour: 60)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="count: 1500; colour: 500")
+    p.add_argument("--warmup-steps", type=int, default=None, help="count: 3000; colour: 500")
     p.add_argument("--arm-steps", type=int, default=None, help="count: 200; colour: 80")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-size", type=int, default=512, help="held-out examples")

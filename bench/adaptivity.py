@@ -162,8 +162,9 @@ class ColourTask(_Task):
 
 
 TASKS = {"count": CountTask, "colour": ColourTask}
-# per task: ATP layers, target N_bar, warm-up steps, arm steps (the defaults of the command line)
-TASK_DEFAULTS = {"count": ((2, 3), 84.0, 3000, 200), "colour": ((1, 2, 3), 60.0, 500, 80)}
+# per task: ATP layers (both: ATPConfig.default_layers(4), the package default), target N_bar,
+# warm-up steps, arm steps (the defaults of the command line)
+TASK_DEFAULTS = {"count": ((1, 2, 3), 84.0, 3000, 200), "colour": ((1, 2, 3), 60.0, 500, 80)}
 
 
 def task(n: int, seed: int, model, args) -> _Task:
@@ -493,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="count", choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (count: 2 3; colour: 1 2 3)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (default: 1 2 3, ATPConfig.default_layers(4))")
     p.add_argument("--grid", type=int, default=12, help="vision-token grid side (tiny LLaVA at 2 px patches)")
     p.add_argument("--target", type=float, default=None, help="N_bar target (count: 84; colour: 60)")
     p.add_argument("--warmup-steps", type=int, default=None, help="count: 3000; colour: 500")

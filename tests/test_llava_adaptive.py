@@ -248,3 +248,39 @@ def test_older_files_load_with_the_choices_of_their_time(stock, batch2, tmp_path
         c = loaded.eval()(**batch2).atp_stats
     torch.testing.assert_close(a["theta_r"], c["theta_r"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["theta_s"], c["theta_s"], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# a short training run with the defaults
+
+
+def test_default_training_lands_the_eval_hard_budget_on_the_target():
+    """Frozen random tiny LLaVA, the default ATPConfig and learning rate: after a short run the
+    hard N_bar at eval (real pruning) is within 10% of the target."""
+    torch.manual_seed(0)
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(target_tokens=250.0))
+    data = SyntheticDataset(64, TINY_IMAGE_TOKEN, N_GRID, 48, TINY_VOCAB, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(param_groups(model, lr_atp=DEFAULT_LR_ATP))
+    model.train()
+    steps = 0
+    while steps < 50:
+        for batch in loader:
+            out = model(**batch, use_cache=False)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            steps += 1
+            if steps == 50:
+                break
+    model.eval()
+    with torch.no_grad():
+        held_out = collate([SyntheticDataset(16, TINY_IMAGE_TOKEN, N_GRID, 48, TINY_VOCAB, seed=1)[i]
+                            for i in range(16)])
+        st = model(**held_out, use_cache=False).atp_stats
+    assert st["pruned"]
+    n_bar = float(st["n_bar_batch"])
+    assert abs(n_bar - 250.0) <= 25.0, n_bar
+    th = torch.cat([st["theta_r"], st["theta_s"]], 1)
+    assert ((th > 0) & (th < 1)).all()

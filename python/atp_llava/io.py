@@ -80,18 +80,17 @@ def _metadata(path: Union[str, os.PathLike]) -> dict:
         return f.metadata() or {}
 
 
-def _file_format(path: Union[str, os.PathLike]) -> Optional[str]:
-    return _metadata(path).get(_FORMAT_KEY)
-
-
-def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
-    """The ATPConfig stored in an ATP weights file."""
-    meta = _metadata(path)
+def _stored_config(path: Union[str, os.PathLike], meta: dict) -> ATPConfig:
     fmt = meta.get(_FORMAT_KEY)
     if (fmt != _FORMAT and fmt not in _OLD_FORMATS) or _CONFIG_KEY not in meta:
         raise ValueError(f"read_atp_config: {path} is not an atp_llava weights file (format {fmt!r})")
     fields = json.loads(meta[_CONFIG_KEY])
     return ATPConfig.from_dict({**_OLD_FORMATS.get(fmt, {}), **fields})
+
+
+def read_atp_config(path: Union[str, os.PathLike]) -> ATPConfig:
+    """The ATPConfig stored in an ATP weights file."""
+    return _stored_config(path, _metadata(path))
 
 
 def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[ATPConfig] = None,
@@ -105,11 +104,12 @@ def load_atp(model: nn.Module, path: Union[str, os.PathLike], config: Optional[A
 
     from .patch import apply_atp
 
+    meta = _metadata(path)
     if getattr(model, "atp", None) is None:
-        apply_atp(model, config if config is not None else read_atp_config(path))
+        apply_atp(model, config if config is not None else _stored_config(path, meta))
     device = next(model.atp.parameters(), next(model.parameters())).device
     state = load_file(str(path), device=str(device))
-    if _file_format(path) in _INPUTS_PER_CELL and read_atp_config(path).mlp_inputs == "normalized":
+    if meta.get(_FORMAT_KEY) in _INPUTS_PER_CELL and _stored_config(path, meta).mlp_inputs == "normalized":
         for layer, mlp in model.atp.mlps.items():
             key = f"mlps.{layer}.proj.weight"
             scores = 2 * mlp.n_cells  # the columns of S_self and S_cross; the global features follow

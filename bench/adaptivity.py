@@ -26,6 +26,16 @@ every arm starts from those weights and trains the same number of steps with the
   redundancy_first
              adaptive with the spatial thresholds starting at 0.9 (the spatial branch keeps its
              sparsest levels at first; the redundancy branch holds the budget from the start)
+  sparse_spatial
+             the spatial thresholds starting at 0.5, between the stride-2 and stride-3 levels
+             (0.25 and 0.67 at lambda_sample 3): the spatial branch starts with strides 3 and up
+             (36 of 144 tokens) instead of every stride (64)
+  wide_spacing
+             lambda_sample 8: stride 2 leaves the levels (its score would be -1), the others
+             spread out (0.11, 0.50, 0.68, 0.78, ...); at the initial 0.1 the spatial branch
+             keeps strides 3 and up (36 tokens)
+  temperature_5, temperature_20
+             the masks' temperature T (default 10) halved and doubled
   fixed      top-k by S_red at the same layers (paper Table 2), at the adaptive arm's mean
              hard count per layer at eval
   random     the same counts, tokens drawn uniformly (mode "random")
@@ -80,6 +90,10 @@ ABLATIONS = {  # arm -> the ATPConfig fields changed: back to the paper's choice
     "paper_budget": {"budget_control": "penalty", "logit_bound": None},
     "unbounded": {"logit_bound": None},
     "redundancy_first": {"init_spatial_threshold": 0.9},
+    "sparse_spatial": {"init_spatial_threshold": 0.5},
+    "wide_spacing": {"lambda_sample": 8.0},
+    "temperature_5": {"temperature": 5.0},
+    "temperature_20": {"temperature": 20.0},
     "raw_inputs": {"mlp_inputs": "raw"},
     "soft_budget": {"budget": "soft"},
     "l1_target": {"target_loss": "l1"},
@@ -319,6 +333,10 @@ def run_arm(base, name: str, config: Optional[ATPConfig], seed: int, args, eval_
     """Train one arm from the warmed-up weights and evaluate it. With ``--frozen-lm`` the LM
     stays as warmed up: the unpruned and the fixed-count arms have nothing to train."""
     model = copy.deepcopy(base)
+    # Every arm of a seed starts from the same random state: the threshold MLPs' initialisation
+    # does not depend on the arms run before, and an ablation differs from the adaptive arm by
+    # its option alone.
+    torch.manual_seed(seed)
     if config is not None:
         apply_atp(model, config)
     else:

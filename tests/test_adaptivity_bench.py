@@ -53,3 +53,16 @@ def test_quick_run_reports_every_arm_and_target():
     assert all(0.0 <= r[k] <= 1.0 for r in recall.values() for k in ("s_red", "fastv"))
     assert set(report["targets"]["all_seeds"]) == {"n_bar_within_5pct", "no_saturated_threshold",
                                                    "tokens_rise_with_need", "adaptive_geq_baselines"}
+
+
+def test_an_arm_does_not_depend_on_the_arms_run_before_it():
+    small = ["--seeds", "0", "--warmup-steps", "4", "--arm-steps", "3", "--eval-size", "16", "--batch-size", "4",
+             "--no-json", "--no-progress", "--ablations"]
+    alone = adaptivity.main(small + ["penalty"])
+    after = adaptivity.main(small + ["temperature_5", "penalty"])
+
+    def penalty(report):
+        arm = next(a for a in report["arms"] if a["arm"] == "penalty")
+        return arm["curve"], arm["eval"]
+
+    assert penalty(alone) == penalty(after)

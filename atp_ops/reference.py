@@ -2,7 +2,8 @@
 "eager" peer of the benchmarks.
 
 These build the full (B, H, Lq, Lk) attention map on purpose; nothing else in the package does.
-Each function follows DESIGN.md §3 to the letter and works in float64.
+Each function follows docs/DESIGN.md §3 to the letter; each says the precision it computes in
+(float64, or float32 as the kernels do where its docstring says so).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Efficiency accounting (paper Eq. 15-16, DESIGN §3.7): FLOPs and KV-cache bytes of a run,
 summed over decoder layers with the token count each layer really saw.
 
-In training the counts are the soft ones (expected values under the soft masks); in
-``model.eval()`` with hard masks they are exact for inference with real pruning.
+In training the counts are those the budget losses see: with the default
+``ATPConfig.budget="hard"`` the straight-through counts, equal to the hard ones; with
+``budget="soft"`` the expected values under the soft masks. In ``model.eval()`` with hard masks
+they are exact for inference with real pruning.
 """
 from __future__ import annotations
 

@@ -143,7 +143,8 @@ class ATPModules(nn.Module):
         n_grid: H * W of ``grid`` (None where it is None).
         canvas: (H, W) of the threshold MLPs' input canvas: ``grid`` for a fixed-grid family,
             else ATPConfig.mlp_canvas.
-        mlps: ModuleDict ``str(layer) -> ThresholdMLP`` (empty in mode "fixed").
+        mlps: ModuleDict ``str(layer) -> ThresholdMLP`` (empty in the modes "fixed", "fastv"
+            and "random").
         spatial: SpatialScores (Eq. 5 on each token's own grid).
         budget_weight: () float32 buffer, the weight of L_target: ``lambda_target`` at the
             start, adapted during training with ``budget_control="constraint"``

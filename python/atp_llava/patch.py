@@ -1,5 +1,6 @@
 """apply_atp: turn a stock transformers vision-language model (LLaVA-1.5, LLaVA-NeXT,
-LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL: ``atp_llava.models``) into its ATP version in place.
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL: ``atp_llava.models``) into its ATP
+version in place.
 
 No modeling file is copied. The model stays stock except for:
   * its text config's attention implementation, set to ``"atp"``: a function registered in
@@ -887,8 +888,8 @@ def get_atp_controller(model: nn.Module) -> ATPController:
 def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
     """Turn a stock vision-language model of a supported family (``atp_llava.models``:
     ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, LLaVA-OneVision,
-    Qwen2-VL, Qwen2.5-VL) into its ATP version, in place; returns it. Any other class is refused with the
-    list of the supported ones.
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL) into its ATP version, in place; returns it. Any
+    other class is refused with the list of the supported ones.
 
     After this, ``model(input_ids=..., pixel_values=..., attention_mask=..., labels=...)``
     returns the stock output with ``loss = L_ntp + lambda_ATP L_ATP + w L_target`` (Eq. 14; ``w``, the

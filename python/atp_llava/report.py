@@ -3,7 +3,8 @@
 After every forward (and every ``generate()``), ``model.atp_report`` holds an ``ATPReport``: per
 sample and per decoder layer the tokens seen, FLOPs by Eq. 15, KV-cache bytes, and the reduction
 against the unpruned model. With hard masks (``model.eval()``) the counts are the tokens the
-layers really ran on; in training they are the soft (expected) counts.
+layers really ran on; in training they are the counts the budget losses see (equal to the hard
+ones with the default ``budget="hard"``, the soft expected counts with ``budget="soft"``).
 
     python -m atp_llava.report --tiny --theta 0.5 0.5 --new-tokens 8
     python -m atp_llava.report --model DIR --atp atp.safetensors --batch 4 --json report.json

@@ -53,7 +53,7 @@ per seed, on the adaptive arm: eval N_bar within 5% of the target; no saturated 
 tokens kept rise with need (Spearman > 0.3 at the first ATP layer); accuracy at least that of
 fixed, random and FastV.
 
-    python bench/adaptivity.py                      # count, 3 seeds, ~40 min on one core; JSON + PNGs
+    python bench/adaptivity.py                      # count, 3 seeds, ~46 min on one core; JSON + PNGs
     python bench/adaptivity.py --task colour        # the two-kind task
     python bench/adaptivity.py --task colour --grid 24 --target 160 --arm-steps 400 --frozen-lm --seeds 0 \
         --ablations penalty paper_budget            # a 24 x 24 grid, the LM frozen

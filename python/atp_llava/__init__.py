@@ -5,7 +5,7 @@
 """
 from .config import ATPConfig
 from .distributed import shard_fsdp2
-from .efficiency import layer_flops, run_cost
+from .efficiency import ATPReport, layer_flops, run_cost
 from .io import load_atp, read_atp_config, save_atp
 from .layout import SeqView, VisionLayout
 from .losses import atp_losses, tokens_per_layer
@@ -51,9 +51,9 @@ __all__ = [
     "DEFAULT_LR_LM",
 ]
 
-# report.py and visualize.py are also scripts (python -m atp_llava.report / .visualize); importing
-# them with the package would make runpy warn, so their names load on first use.
-_LAZY = {"ATPReport": "report", "visualize_pruning": "visualize", "render_pruning": "visualize",
+# visualize.py is also a script (python -m atp_llava.visualize); importing
+# it with the package would make runpy warn, so its names load on first use.
+_LAZY = {"visualize_pruning": "visualize", "render_pruning": "visualize",
          "write_png": "visualize"}
 
 

@@ -42,7 +42,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ import atp_ops
 from . import flash
 from .config import ATPConfig
 from .distributed import is_distributed
-from .efficiency import kv_bytes_per_token, run_cost
+from .efficiency import ATPReport, kv_bytes_per_token, run_cost
 from .layout import SeqView, VisionLayout, gather_slots, padding_bias, valid_mask
 from .losses import (SAMPLES_IN_BATCH, adapt_budget_weight, atp_losses, budget_error, budget_share, budget_sums,
                      min_reachable_tokens, n_bar)
@@ -60,8 +60,6 @@ from .models import ModelAdapter, adapter_for
 from .modules import ATPModules
 from .rope2d import default_section, positions_3d, rope_2d_cos_sin
 
-if TYPE_CHECKING:  # report.py is also a script (python -m atp_llava.report): not imported at start-up
-    from .report import ATPReport
 
 __all__ = ["apply_atp", "ATTN_IMPLEMENTATION", "KEEP_REDUNDANT", "KEEP_SPATIAL", "ATPState", "ATPHandle", "get_atp_controller",
            "SUPPORTED_TRANSFORMERS", "check_transformers_version"]
@@ -480,7 +478,6 @@ class ATPController:
                             starts[id(bias)] = flash.leftpad(bias.detach())
                         cached.start[j] = starts[id(bias)]
                 self._caches[cache] = cached
-        from .report import ATPReport
 
         report = ATPReport.from_stats(stats)
         object.__setattr__(module, "atp_report", report)

@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="count", choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (default: 1 2 3, ATPConfig.default_layers(4))")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="ATP layers (default: 1 2 3, ATPConfig.default_layers(4))")
     p.add_argument("--grid", type=int, default=12, help="vision-token grid side (tiny LLaVA at 2 px patches)")
     p.add_argument("--target", type=float, default=None, help="N_bar target (count: 84; colour: 60)")
     p.add_argument("--warmup-steps", type=int, default=None, help="count: 3000; colour: 500")

@@ -203,11 +203,11 @@ def adapt_budget_weight(weight: torch.Tensor, violation: torch.Tensor, mean_erro
     """One window of ATPConfig.budget_control "constraint", in place. ``mean_error``: ``|e|`` of
     the mean relative error ``e`` (``budget_error``) of the window's optimizer steps;
     ``violation``: the previous window's (inf before the first). Within ``tolerance`` the weight is
-    divided by ``growth ** RELAX`` (never below ``floor``, lambda_target); above it, multiplied by ``growth`` (never above
-    ``floor * cap``) unless the error fell to ``PROGRESS`` times the previous window's or less: a
-    weight that brings N_bar towards the target fast enough is kept, one that does not is raised,
-    so it reaches what the next-token gradient needs in a number of windows that goes with that
-    weight's logarithm. ``violation`` becomes ``mean_error``."""
+    divided by ``growth ** RELAX`` (never below ``floor``, lambda_target); above it, multiplied by
+    ``growth`` (never above ``floor * cap``) unless the error fell to ``PROGRESS`` times the
+    previous window's or less: a weight that brings N_bar towards the target fast enough is kept,
+    one that does not is raised, so it reaches what the next-token gradient needs in a number of
+    windows that goes with that weight's logarithm. ``violation`` becomes ``mean_error``."""
     if mean_error <= tolerance:
         weight.div_(growth ** RELAX).clamp_(min=floor)
     elif mean_error > PROGRESS * float(violation):

@@ -2,7 +2,8 @@
 
 The schemas and the CPU/CUDA kernels live in C++ (csrc/); this module attaches
   * fake (meta) kernels, so the ops trace under torch.compile and FakeTensor;
-  * autograd, with each backward being an op of its own (attention_bwd, soft_mask_bwd).
+  * autograd, with each backward being an op of its own (attention_bwd, soft_mask_bwd, and
+    scores_bwd, an ATen composite defined here).
 """
 from __future__ import annotations
 
@@ -218,18 +219,109 @@ def atp_scores(
         w_self, w_cross (B, Lq)                float32/float64 row weights >= 0
         returns s_self, s_cross                (B, Lk) float32 each
 
-    Scores carry no gradient: the inputs are detached (the paper learns thresholds, not scores).
+    Differentiable in q, k and key_bias (``scores_bwd``), with lse taken for what it is, the
+    log-normaliser of each row's logits: the gradient is that of the scores with lse recomputed
+    from q, k and key_bias, and none is returned for the lse tensor (so a score layer's gradient
+    does not run into the attention's backward a second time). The row weights get none. Pass
+    detached inputs for scores that carry no gradient.
     """
     scale = _default_scale("atp_scores", q, scale)
-    detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return _ops.scores(detach(q), detach(k), detach(lse), detach(key_bias), detach(w_self),
-                       detach(w_cross), causal, scale)
+    return _ops.scores(q, k, lse, key_bias, w_self, w_cross, causal, scale)
 
 
 @torch.library.register_fake("atp_ops::scores")
 def _scores_fake(q, k, lse, key_bias, w_self, w_cross, causal, scale):
     shape = (q.shape[0], k.shape[2])
     return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("atp_ops::scores_bwd", mutates_args=())
+def _scores_bwd(grad_self: torch.Tensor, grad_cross: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                lse: torch.Tensor, key_bias: Optional[torch.Tensor], w_self: torch.Tensor,
+                w_cross: torch.Tensor, causal: bool, scale: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of atp_scores' (s_self, s_cross) in q, k and key_bias, lse being the function
+    of them it is (DESIGN §3.2); one ATen composite for every device. Returns dq, dk in their
+    inputs' dtypes and dbias (B, Lk) in float32 (float64 for float64 q).
+
+    s_self is the weighted mean query of each head dotted with every key, so its gradient is two
+    outer products (O(L D) per head). s_cross is recomputed from the w_cross rows only (R of
+    them, the most any sample has) against every key, (B, Hq, R, Lk): with P the probabilities
+    and dP = g_n c_m / Hq (c the normalised row weights), the softmax backward gives the logits'
+    gradient P (dP - sum_n P dP), hence dq, dk and dbias.
+    """
+    dt = compute_dtype(q.dtype)
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qf, kf = q.to(dt), k.to(dt).repeat_interleave(group, dim=1)  # (B, Hq, Lk, D)
+    gs, gc = grad_self.to(dt), grad_cross.to(dt)
+
+    def row_weights(w):
+        w = w.to(dt)
+        tot = w.sum(-1, keepdim=True)
+        return torch.where(tot > 0, w / torch.where(tot > 0, tot, 1.0), 0.0)
+
+    # s_self[b, n] = scale / Hq * sum_h qbar_h . k_hn, qbar_h = sum_m c_m q_hm
+    c_self = row_weights(w_self)
+    qbar = torch.einsum("bm,bhmd->bhd", c_self, qf)
+    dqbar = torch.einsum("bn,bhnd->bhd", gs, kf) * (scale / hq)
+    dq = c_self[:, None, :, None] * dqbar[:, :, None, :]
+    dk = gs[:, None, :, None] * qbar[:, :, None, :] * (scale / hq)
+
+    # s_cross over the w_cross rows, gathered: R = the most rows any sample has
+    c_cross = row_weights(w_cross)
+    r = int((c_cross > 0).sum(-1).max()) if b else 0
+    dbias = torch.zeros(b, lk, dtype=dt, device=q.device)
+    if r > 0:
+        rows = (c_cross > 0).to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :r]  # (B, R)
+        cr = c_cross.gather(1, rows)  # 0 on a sample's spare rows
+        qr = qf.gather(2, rows[:, None, :, None].expand(b, hq, r, d))
+        lser = lse.to(dt).gather(2, rows[:, None, :].expand(b, hq, r))
+        logits = torch.matmul(qr, kf.transpose(-1, -2)) * scale
+        if key_bias is not None:
+            logits = logits + key_bias.to(dt)[:, None, None, :]
+        allowed = torch.isfinite(lser)[..., None] & torch.isfinite(logits)
+        if causal:
+            cols = torch.arange(lk, device=q.device)
+            allowed = allowed & (cols[None, None, None, :] <= rows[:, None, :, None] + (lk - lq))
+        p = torch.where(allowed, torch.exp(torch.where(allowed, logits - lser[..., None], 0.0)), 0.0)
+        pdp = p * (gc[:, None, None, :] * cr[:, None, :, None] / hq)  # (B, Hq, R, Lk)
+        dlogit = pdp - p * pdp.sum(-1, keepdim=True)
+        dq = dq.scatter_add(2, rows[:, None, :, None].expand(b, hq, r, d), torch.matmul(dlogit, kf) * scale)
+        dk = dk + torch.matmul(dlogit.transpose(-1, -2), qr) * scale
+        dbias = dlogit.sum((1, 2))
+    dk = dk.reshape(b, hkv, group, lk, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dbias
+
+
+@_scores_bwd.register_fake
+def _scores_bwd_fake(grad_self, grad_cross, q, k, lse, key_bias, w_self, w_cross, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[0], k.shape[2]), dtype=compute_dtype(q.dtype)))
+
+
+def _scores_setup_context(ctx, inputs, output):
+    q, k, lse, key_bias, w_self, w_cross, causal, scale = inputs
+    ctx.save_for_backward(q, k, lse, key_bias, w_self, w_cross)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.set_materialize_grads(False)
+
+
+def _scores_backward(ctx, grad_self, grad_cross):
+    q, k, lse, key_bias, w_self, w_cross = ctx.saved_tensors
+    if grad_self is None and grad_cross is None:
+        return None, None, None, None, None, None, None, None
+    zeros = q.new_zeros((q.shape[0], k.shape[2]), dtype=torch.float32)
+    dq, dk, dbias = _scores_bwd(zeros if grad_self is None else grad_self,
+                                zeros if grad_cross is None else grad_cross,
+                                q, k, lse.detach(), key_bias, w_self, w_cross, ctx.causal, ctx.scale)
+    d_bias = None if key_bias is None or not ctx.needs_input_grad[3] else dbias.to(key_bias.dtype)
+    return dq, dk, None, d_bias, None, None, None, None
+
+
+torch.library.register_autograd("atp_ops::scores", _scores_backward, setup_context=_scores_setup_context)
 
 
 def normalize_scores(s: torch.Tensor, kept: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:

@@ -36,6 +36,8 @@ every arm starts from those weights and trains the same number of steps with the
              keeps strides 3 and up (36 tokens)
   temperature_5, temperature_20
              the masks' temperature T (default 10) halved and doubled
+  score_grad the masks' gradient reaches the score layers' queries and keys through the scores
+             (ATPConfig.score_grad): the LM can learn to mark the tokens the answer needs
   fixed      top-k by S_red at the same layers (paper Table 2), at the adaptive arm's mean
              hard count per layer at eval
   random     the same counts, tokens drawn uniformly (mode "random")
@@ -98,6 +100,7 @@ ABLATIONS = {  # arm -> the ATPConfig fields changed: back to the paper's choice
     "soft_budget": {"budget": "soft"},
     "l1_target": {"target_loss": "l1"},
     "no_floor": {"min_keep": 0},
+    "score_grad": {"score_grad": True},
 }
 PALETTE = torch.tensor([[1.5, -1.0, -1.0], [-1.0, 1.5, -1.0], [-1.0, -1.0, 1.5], [1.2, 1.2, -1.0]])
 # Token ids (tiny vocabulary of 128): 1 bos, 2 eos, 3 "USER:", 4 "ASSISTANT:", 10 + q the question,

@@ -85,6 +85,9 @@ def test_cli_defaults_are_atpconfig_and_optim_defaults():
     got = (cfg.budget_control, cfg.logit_bound, cfg.weight_growth, cfg.budget_window, cfg.budget_tolerance,
            cfg.init_spatial_threshold, cfg.mode, cfg.fixed_keep, cfg.random_seed)
     assert got == ("penalty", None, 3.0, 5, 0.01, 0.9, "random", (9, 3), 4)
+    flag = "--no-score-grad" if ATPConfig().score_grad else "--score-grad"  # the other choice
+    args = build_parser().parse_args(["--tiny", "--synthetic", "1", "--train-lm", flag])
+    assert config_from_args(args).score_grad is not ATPConfig().score_grad
 
 
 def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):

@@ -236,8 +236,38 @@ def test_l_atp_and_n_bar_follow_the_paper(batch3):
     assert (st["flops"] < st["flops_full"]).all()
 
 
-@pytest.mark.parametrize("train_lm", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(batch3, train_lm, monkeypatch):
+def test_score_grad_trains_the_score_layers_queries_and_keys_and_nothing_else_changes(batch3):
+    """ATPConfig.score_grad: the same forward and an extra gradient exactly where the scores come
+    from. Score layers 0, 1, 2 (ATP layers 1, 2, 3): their queries and keys, what feeds them,
+    and the threshold MLP of ATP layer 1, whose mask shapes what layer 2's scores read. Nothing
+    after them: the last layer, the lm head, layer 2's values, output and MLP, the thresholds of
+    ATP layers 2 and 3 (the MLPs see the scores detached either way)."""
+    def run(score_grad):
+        torch.manual_seed(0)
+        model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), target_tokens=150, train_lm=True,
+                                                   score_grad=score_grad)).train()
+        out = model(**batch3, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss0, g0 = run(False)
+    loss1, g1 = run(True)
+    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys()
+    same = [n for n in g0 if n.startswith(("atp.mlps.2.", "atp.mlps.3.", "lm_head.", "model.language_model.layers.3.",
+                                           "model.language_model.norm."))]
+    same += [f"model.language_model.layers.2.{m}.weight" for m in ("self_attn.v_proj", "self_attn.o_proj",
+                                                                   "mlp.down_proj")]
+    assert len(same) > 20
+    for n in same:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    changed = [f"model.language_model.layers.{layer}.self_attn.{proj}.weight" for layer in (0, 1, 2)
+               for proj in ("q_proj", "k_proj")] + ["atp.mlps.1.head_r.weight"]
+    for n in changed:
+        assert not torch.allclose(g1[n], g0[n], rtol=1e-3, atol=1e-6), f"{n}: no gradient from the scores"
+
+
+@pytest.mark.parametrize("train_lm,score_grad", [(False, False), (True, False), (True, True)])
+def test_gradient_checkpointing_gives_the_same_gradients(batch3, train_lm, score_grad, monkeypatch):
     import atp_llava.patch
 
     calls = []
@@ -250,7 +280,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch3, train_lm, monke
     monkeypatch.setattr(atp_llava.patch.atp_ops, "atp_attention", counting_attention)
 
     def run(ckpt):
-        model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), target_tokens=100, train_lm=train_lm))
+        model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), target_tokens=100, train_lm=train_lm,
+                                                   score_grad=score_grad))
         if ckpt:
             model.activation_checkpointing_enable()  # transformers' default: non-reentrant
         model.train()

@@ -214,21 +214,84 @@ def test_rows_that_saw_nothing_contribute_nothing(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# no gradient, opcheck
+# gradient, opcheck
+
+
+def _weighted_loss(s_self, s_cross, g_self, g_cross):
+    return (s_self.double() * g_self).sum() + (s_cross.double() * g_cross).sum()
 
 
 @pytest.mark.parametrize("device", SCORES_DEVICES)
-def test_scores_carry_no_gradient(device):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,lq,lk", [((4, 2), 9, 12), ((2, 2), 7, 7), ((4, 1), 12, 9)])
+@pytest.mark.parametrize("weights", ["random", "zero_sample"])
+def test_scores_gradient_matches_reference(device, causal, heads, lq, lk, weights):
+    """d(g_self . s_self + g_cross . s_cross) in q, k and key_bias against autograd of the
+    materialised-map reference, its lse recomputed from the same q, k and key_bias: the op's
+    backward (scores_bwd) is the derivative with lse as the function of them it is, and gives
+    none to the lse tensor."""
+    gen = torch.Generator().manual_seed(67 + lq)
+    dtype, d = pick(OP, device, torch.float64, 8)  # CUDA: bfloat16 -> compared at its tolerance
+    q, k, v = make_qkv(2, *heads, lq, lk, d, dtype, "blhd", device, gen)
+    key_bias = make_bias("neg_inf", 2, lk, bias_dtype(dtype), device, gen)
+    lse = attention_lse(q, k, v, key_bias, causal=causal).requires_grad_(True)
+    w_self, w_cross = make_weights(weights, 2, lq, key_bias, torch.float32, device, gen)
+    g_self, g_cross = (torch.randn(2, lk, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, key_bias)]
+    q_, k_, b_ = leaves
+    got = torch.autograd.grad(_weighted_loss(*atp_scores(q_, k_, lse, b_, w_self, w_cross, causal=causal),
+                                             g_self, g_cross), leaves + [lse], allow_unused=True)
+    assert got[3] is None, "the lse tensor gets no gradient"
+    qr, kr, br = ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, key_bias)]
+    _, lse_r = reference.attention_ref(qr, kr, v.double(), br, causal=causal, return_lse=True)
+    want = torch.autograd.grad(_weighted_loss(*reference.scores_ref(qr, kr, lse_r, br, w_self, w_cross,
+                                                                    causal=causal), g_self, g_cross), ref_leaves)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype in (torch.float32, torch.float64) else dict(rtol=2e-2, atol=2e-3)
+    for name, a, b, leaf in zip(("q", "k", "key_bias"), got, want, leaves):
+        assert a.dtype == leaf.dtype, name
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"d{name}: {m}")
+    assert all(float(g.abs().max()) > 0 for g in got[:2])
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_scores_gradient_with_the_attentions_lse(device):
+    """Attention then scores, as a score layer runs them, lse passed on with its graph: the
+    scores add their own gradient to q and k once (none through the lse tensor), and the sum is
+    the derivative of the reference chain."""
+    gen = torch.Generator().manual_seed(71)
+    dtype, d = pick(("attention", OP), device, torch.float64, 8)  # CUDA: bfloat16, D = 64
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 2, 10, 10, d, dtype, "blhd", device, gen))
+    key_bias = make_bias("neg_inf", 2, 10, bias_dtype(dtype), device, gen)
+    w_self, w_cross = vision_text_weights(2, 10, 0, 6, device)
+    g_self, g_cross = (torch.randn(2, 10, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    out, lse = atp_attention(q, k, v, key_bias, return_lse=True)
+    got = torch.autograd.grad(_weighted_loss(*atp_scores(q, k, lse, key_bias, w_self, w_cross), g_self, g_cross),
+                              (q, k))
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    _, lse_r = reference.attention_ref(qr, kr, vr, key_bias.double(), return_lse=True)
+    want = torch.autograd.grad(_weighted_loss(*reference.scores_ref(qr, kr, lse_r, key_bias, w_self, w_cross),
+                                              g_self, g_cross), (qr, kr))
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("device", SCORES_DEVICES)
+def test_row_weights_get_no_gradient_and_detached_inputs_give_constant_scores(device):
     gen = torch.Generator().manual_seed(53)
     dtype, d = pick(("attention", OP), device, torch.float32, 8)  # CUDA: float16, D = 64
     q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 4, 2, 9, 12, d, dtype, "blhd", device, gen))
     key_bias = torch.randn(2, 12, generator=gen).to(device).requires_grad_(True)
     out, lse = atp_attention(q, k, v, key_bias, return_lse=True)
-    assert lse.requires_grad
     w_self = torch.rand(2, 9, device=device, requires_grad=True)
     w_cross = torch.rand(2, 9, device=device, requires_grad=True)
     s_self, s_cross = atp_scores(q, k, lse, key_bias, w_self, w_cross)
-    assert not s_self.requires_grad and not s_cross.requires_grad
+    assert s_self.requires_grad and s_cross.requires_grad
+    (s_self.sum() + s_cross.sum()).backward()
+    assert w_self.grad is None and w_cross.grad is None
+    assert q.grad is not None and k.grad is not None and key_bias.grad is not None
+    s_self, s_cross = atp_scores(q.detach(), k.detach(), lse.detach(), key_bias.detach(), w_self.detach(),
+                                 w_cross.detach())
     assert s_self.grad_fn is None and s_cross.grad_fn is None
 
 
@@ -240,31 +303,25 @@ def _score_args(device, requires_grad):
     w_self, w_cross = vision_text_weights(2, 7, 0, 4, device)
     args = [q, k, lse, key_bias, w_self, w_cross]
     if requires_grad:
-        args = [t.detach().requires_grad_(True) for t in args]
+        args = [t.detach().requires_grad_(i in (0, 1, 3)) for i, t in enumerate(args)]
     return args
 
 
 @pytest.mark.parametrize("device", SCORES_DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_opcheck_scores(device, causal):
-    # atp_scores detaches its inputs before calling the op (scores carry no gradient by design,
-    # DESIGN §3.2), so the op is checked with inputs as the wrapper passes them: no
-    # requires_grad, which makes test_autograd_registration meaningful without an autograd
-    # formula (it then checks that nothing asks for one).
-    args = _score_args(device, requires_grad=False)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_scores(device, causal, requires_grad):
+    args = _score_args(device, requires_grad)
     opcheck(torch.ops.atp_ops.scores, (*args, causal, 0.35))
 
 
 @pytest.mark.parametrize("device", SCORES_DEVICES)
-def test_raw_scores_op_accepts_requires_grad_inputs(device):
-    """The op itself has no autograd formula by design, but called directly with inputs that
-    require grad (a user skipping the wrapper, or a traced graph) it must still compute the
-    scores, not fail inside the kernel."""
-    args = _score_args(device, requires_grad=True)
-    s_self, s_cross = torch.ops.atp_ops.scores(*args, True, 0.35)
-    e_self, e_cross = torch.ops.atp_ops.scores(*[t.detach() for t in args], True, 0.35)
-    torch.testing.assert_close(s_self.detach(), e_self, rtol=0, atol=0)
-    torch.testing.assert_close(s_cross.detach(), e_cross, rtol=0, atol=0)
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_scores_bwd(device, causal):
+    args = _score_args(device, requires_grad=False)
+    gen = torch.Generator().manual_seed(61)
+    grads = [torch.randn(2, 11, generator=gen).to(device) for _ in range(2)]
+    opcheck(torch.ops.atp_ops.scores_bwd, (*grads, *args, causal, 0.35))
 
 
 @pytest.mark.parametrize("device", SCORES_DEVICES)

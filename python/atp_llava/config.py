@@ -84,6 +84,11 @@ class ATPConfig:
         theta_override: (theta_r, theta_s) used instead of the MLP's thresholds (ablations,
             tests). Values outside (0, 1) are allowed: (-5, -5) with T >= 10 keeps every token
             with a bias of exactly 0 in float32.
+        score_grad: "adaptive" training: the scores S_self and S_cross of the score layers carry
+            the gradient of the masks built from them (atp_scores' backward), so the LM's
+            queries and keys at a score layer learn to mark the tokens the answer needs; the
+            threshold MLP still sees them detached. False: the scores are constants of the step
+            and only the thresholds learn where to cut. Needs ``train_lm`` to change anything.
         rope_2d: 2D rotary positions for vision tokens (DESIGN §3.6, Qwen2-VL's M-RoPE): the
             rotary frequencies are split into (t, row, col) sections; a vision token at grid
             (r, c) of an image whose first token has 1D position p0 gets (p0, p0 + r, p0 + c),
@@ -171,6 +176,7 @@ class ATPConfig:
     budget_tolerance: float = 0.02
     logit_bound: Optional[float] = 6.0
     random_seed: int = 0
+    score_grad: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

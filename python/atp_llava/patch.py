@@ -139,7 +139,9 @@ class ATPState:
     prune: pruned tokens leave the sequence (inference); ``view`` is then the SeqView the
         layers from the last ATP layer on run on (None: all original positions), and
         ``position_embeddings`` / ``position_ids`` are the layers' rotary inputs gathered to it.
-    captures: score layer -> detached (q, k, lse, key_bias, scale, causal) for the ATP step after it.
+    captures: score layer -> (q, k, lse, key_bias, scale, causal) for the ATP step after it; lse
+        and key_bias detached, q and k as well unless ``score_grad``.
+    score_grad: the scores carry the masks' gradient back into q, k and lse (ATPConfig.score_grad).
     kept, theta_r, theta_s: one (I,) tensor per ATP layer run so far; ``kept`` is the count the
         budget losses see (soft, straight-through or hard), ``kept_soft`` / ``kept_hard`` the
         soft relaxation's and the hard masks' counts.
@@ -176,6 +178,7 @@ class ATPState:
     null_terms: List[torch.Tensor] = field(default_factory=list)
     budget_share: Optional[torch.Tensor] = None
     image_inputs: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+    score_grad: bool = False
 
     def spatial_and_cells(self, atp: ATPModules) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(S_spatial (I, N), the tokens' MLP canvas cells or None) of this forward's images:
@@ -254,7 +257,8 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     (attn_output (B, Lq, Hq, D), None): attention weights are never materialised.
 
     Inside an ATP forward (``atp_state`` keyword) the key bias is the cumulative one of this
-    layer; at a score layer q, k, lse are kept (detached) for the ATP module that follows.
+    layer; at a score layer q, k, lse are kept for the ATP module that follows (q, k with their
+    gradient under ATPConfig.score_grad).
     """
     if dropout:
         raise ValueError("atp attention: attention dropout is not supported (config.attention_dropout "
@@ -297,7 +301,9 @@ def atp_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         bias_used = None if key_bias is None else key_bias.detach()
         if key_mask is not None:  # the bias the layer used, for S_cross (Eq. 4)
             bias_used = key_mask.detach().log() if bias_used is None else bias_used + key_mask.detach().log()
-        state.captures[layer_idx] = (query.detach(), key.detach(), lse.detach(), bias_used, scaling, causal)
+        grad = state.score_grad and torch.is_grad_enabled()  # the masks before stay constants
+        q_, k_ = (query, key) if grad else (query.detach(), key.detach())
+        state.captures[layer_idx] = (q_, k_, lse.detach(), bias_used, scaling, causal)
     return out.transpose(1, 2), None
 
 
@@ -393,7 +399,8 @@ class ATPController:
             layout=layout, hard=hard, prune=prune, current_bias=layout.pad_bias, img_bias=img_zeros,
             img_keep=layout.image_valid, img_soft=img_zeros,
             img_mask=layout.image_valid.to(img_zeros.dtype) if straight_through else None,
-            score_layers=self.score_layers, budget_share=share)
+            score_layers=self.score_layers, budget_share=share,
+            score_grad=self.config.score_grad and self.config.mode == "adaptive" and not hard)
 
     def _decode_state(self, module, cache, input_ids: torch.Tensor,
                       attention_mask: Optional[torch.Tensor]) -> DecodeState:
@@ -670,7 +677,8 @@ class ATPController:
         if cfg.mode == "adaptive":
             s_red = atp_ops.redundant_score(s_self, s_cross, kept)
             s_spatial, cells = state.spatial_and_cells(self.atp)
-            theta_r, theta_s = self.atp(layer, s_self, s_cross, kept, cells, self.atp.globals(lay, kept))
+            theta_r, theta_s = self.atp(layer, s_self.detach(), s_cross.detach(), kept, cells,
+                                        self.atp.globals(lay, kept))
             soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, cfg.temperature)  # log M, Eq. 9-11
             by_red = (s_red > theta_r[:, None]) | self._top_k(s_red, state.img_keep, cfg.min_keep)
             by_spatial = s_spatial > theta_s[:, None]

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     atp.add_argument("--logit-bound", type=_bound, default=_DEFAULTS["logit_bound"],
                      help="thresholds' pre-sigmoid logits held in [-B, B], gradients passed back inside; 'none': the "
                           "plain sigmoid (the paper)")
+    atp.add_argument("--score-grad", action=argparse.BooleanOptionalAction, default=_DEFAULTS["score_grad"],
+                     help="with --train-lm: the masks' gradient reaches the score layers' queries and keys "
+                          "through the scores (--no-score-grad: the scores are constants)")
     atp.add_argument("--train-lm", action="store_true", help="train the LM too (default: frozen, ATP only)")
 
     opt = p.add_argument_group("optimisation")
@@ -182,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> ATPConfig:
                      budget_control=args.budget_control, weight_growth=args.weight_growth,
                      budget_window=args.budget_window,
                      budget_tolerance=args.budget_tolerance, logit_bound=args.logit_bound,
-                     random_seed=args.random_seed)
+                     random_seed=args.random_seed, score_grad=args.score_grad)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -90,6 +90,34 @@ def test_cli_defaults_are_atpconfig_and_optim_defaults():
     assert config_from_args(args).score_grad is not ATPConfig().score_grad
 
 
+def test_int_list_is_the_one_parser_of_integer_lists(capsys):
+    """cli.int_list reads --layers/--keep of the tools, train.py's --layers/--strides/--fixed-keep and
+    lmms-eval's model_args lists; "" means the option is not given."""
+    import argparse
+
+    from atp_llava.cli import add_model_args, int_list
+
+    for text, want in [("1,2,3", (1, 2, 3)), ("7", (7,)), (" 4, 14 ,24 ", (4, 14, 24)), ("1,2,", (1, 2)),
+                       ("[1,2,3]", (1, 2, 3)), ("1:2:3", (1, 2, 3)), ("1 2 3", (1, 2, 3)), ("-5,0", (-5, 0)),
+                       (None, None), ("", None), ("  ", None), (",", None), ("[]", None)]:
+        assert int_list(text) == want, text
+    for bad in ("a", "1,b", "1.5", "1-2"):
+        with pytest.raises(ValueError, match="expected integers like 1,2,3"):
+            int_list(bad)
+    # "" is the default, in train.py's options and in the tools' (a script's --layers "$EMPTY")
+    default = config_from_args(build_parser().parse_args(["--tiny", "--synthetic", "1"]))
+    args = build_parser().parse_args(["--tiny", "--synthetic", "1", "--layers", "", "--strides", "",
+                                      "--fixed-keep", ""])
+    assert config_from_args(args) == default
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    args = parser.parse_args(["--tiny", "--layers", "", "--keep", "9,3"])
+    assert args.layers is None and args.keep == (9, 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tiny", "--layers", "1,x"])
+    assert "--layers: invalid int_list value: '1,x'" in capsys.readouterr().err
+
+
 def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no line breaks inside the phrases
     with pytest.raises(SystemExit):

@@ -6,10 +6,14 @@
     --layers 1,2,3 --theta R S  ATP layers with fixed thresholds (theta_override), or
     --mode fastv --layers K --keep N   the FastV baseline (fixed-ratio: --mode fixed --keep a,b,c;
                                        random selection at those counts: --mode random --keep a,b,c)
+
+``int_list`` parses every list of integers the tools take (these options, train.py's,
+lmms_eval_model.py's model_args).
 """
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,11 +21,24 @@ from torch import nn
 
 from .config import MODES, ATPConfig
 
-__all__ = ["add_model_args", "check_model_args", "load_model", "synthetic_prompts"]
+__all__ = ["int_list", "add_model_args", "check_model_args", "load_model", "synthetic_prompts"]
 
 
-def _ints(text: Optional[str]) -> Optional[Tuple[int, ...]]:
-    return None if text is None else tuple(int(x) for x in text.split(",") if x)
+def int_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """"1,2,3" -> (1, 2, 3). Integers are separated by commas (also colons, semicolons or white
+    space, and the list may stand in brackets: "[1,2,3]", "1:2:3", the forms lmms-eval's
+    model_args allow); empty items are skipped ("1,2," is (1, 2)). None, "" and a text with no
+    integer at all give None: the option is not given and its default applies, as when it is left
+    out (a script's ``--layers "$LAYERS"`` with LAYERS empty). Anything else raises ValueError."""
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[\s,:;]+", text.strip().strip("[]()")) if p]
+    if not parts:
+        return None
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected integers like 1,2,3, got {text!r}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,14 +50,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="--tiny weights; synthetic prompts and images; --mode random's draws")
     p.add_argument("--atp", metavar="FILE", help="trained ATP weights (atp_llava.io.save_atp); their config is used")
-    p.add_argument("--layers", type=_ints, default=None,
+    p.add_argument("--layers", type=int_list, default=None,
                    help="without --atp: ATP layer indexes, comma-separated (default: 1,2,3 with --tiny, else 4,14,24)")
     p.add_argument("--theta", type=float, nargs=2, metavar=("R", "S"), default=None,
                    help="without --atp: fixed thresholds theta_r, theta_s (needed with --model in adaptive mode)")
     p.add_argument("--init-threshold", type=float, default=None,
                    help="--tiny without --atp or --theta: the untrained thresholds (default 0.5)")
     p.add_argument("--mode", default="adaptive", choices=MODES, help="without --atp: ATP, or a baseline")
-    p.add_argument("--keep", type=_ints, default=None, help="--mode fixed/fastv/random: tokens kept per ATP layer")
+    p.add_argument("--keep", type=int_list, default=None, help="--mode fixed/fastv/random: tokens kept per ATP layer")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 

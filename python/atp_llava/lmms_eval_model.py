@@ -57,6 +57,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
+from .cli import int_list
 from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, load_image
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
@@ -82,16 +83,14 @@ def lmms_eval_manifest():
 
 
 def _int_list(value, name: str) -> Optional[Tuple[int, ...]]:
-    """model_args list: 4, "[1,2,3]", "1:2:3", "1 2 3" -> tuple of ints."""
-    if value is None or value == "":
-        return None
+    """model_args list: 4, [1, 2, 3] (lmms-eval may parse them) or a text cli.int_list reads
+    ("[1,2,3]", "1:2:3", "1 2 3"; "" is None) -> tuple of ints."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (int(value),)
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
-    parts = [p for p in re.split(r"[\s,:;]+", str(value).strip().strip("[]()")) if p]
     try:
-        return tuple(int(p) for p in parts)
+        return int_list(None if value is None else str(value))
     except ValueError:
         raise ValueError(f"atp_llava model_args: {name} must be integers like [1,2,3] or 1:2:3, "
                          f"got {value!r}") from None

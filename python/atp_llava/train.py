@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .cli import int_list
 from .config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
 from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
@@ -49,10 +50,6 @@ __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_mod
 ATP_FILE = "atp.safetensors"  # the ATP weights inside a --save-model directory
 ENGINES = ("own", "trainer")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ATPConfig)}
-
-
-def _ints(s: Optional[str]) -> Optional[tuple]:
-    return None if s is None or s == "" else tuple(int(x) for x in s.split(","))
 
 
 def _bound(s: str) -> Optional[float]:
@@ -175,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ATPConfig:
-    return ATPConfig(layers=_ints(args.layers), target_tokens=args.target_tokens, temperature=args.temperature,
+    return ATPConfig(layers=int_list(args.layers), target_tokens=args.target_tokens, temperature=args.temperature,
                      lambda_atp=args.lambda_atp, lambda_target=args.lambda_target,
-                     lambda_sample=args.lambda_sample, strides=_ints(args.strides), mlp_width=args.mlp_width,
+                     lambda_sample=args.lambda_sample, strides=int_list(args.strides), mlp_width=args.mlp_width,
                      init_threshold=args.init_threshold, init_spatial_threshold=args.init_spatial_threshold,
-                     mode=args.mode, fixed_keep=_ints(args.fixed_keep),
+                     mode=args.mode, fixed_keep=int_list(args.fixed_keep),
                      train_lm=args.train_lm, mlp_inputs=args.mlp_inputs, budget=args.budget,
                      min_keep=args.min_keep, target_loss=args.target_loss, target_delta=args.target_delta,
                      budget_control=args.budget_control, weight_growth=args.weight_growth,

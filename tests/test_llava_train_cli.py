@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from atp_llava import (DEFAULT_LR_ATP, DEFAULT_LR_LM, ATPConfig, apply_atp, load_atp, param_groups,  # noqa: E402
-                       read_atp_config, remove_atp)
+                       read_atp_config, remove_atp, save_atp)
 from atp_llava.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
 from atp_llava.train import ATP_FILE, build_parser, config_from_args, evaluate, main, train  # noqa: E402
@@ -116,6 +116,51 @@ def test_int_list_is_the_one_parser_of_integer_lists(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--tiny", "--layers", "1,x"])
     assert "--layers: invalid int_list value: '1,x'" in capsys.readouterr().err
+
+
+def test_load_model_is_the_one_loader(tmp_path, capsys):
+    """cli.load_model (train.py, report, visualize, lmms-eval): --tiny's options or a checkpoint, in
+    the dtype, with ATP from an ATPConfig or a weights file, on the device, in eval mode; model_atp
+    turns the tools' options into its ``atp`` and refuses what cannot mean anything."""
+    import argparse
+
+    from atp_llava.cli import add_model_args, check_model_args, load_model, model_atp
+
+    model = load_model(tiny=True, tiny_layers=2, tiny_image_size=24, seed=3, dtype="float64",
+                       atp=ATPConfig(init_threshold=0.4), device="cpu")
+    stock = tiny_llava(2, seed=3, image_size=24)
+    assert not model.training and model.atp.grid == (12, 12) and model.atp.config.layers == (1,)
+    assert model.atp.config.init_threshold == 0.4
+    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if not n.startswith("atp."))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    state = stock.state_dict()
+    assert all(torch.equal(v, state[k].double()) for k, v in model.state_dict().items() if not k.startswith("atp."))
+    assert not hasattr(load_model(tiny=True, tiny_layers=2), "atp")  # atp=None: the stock model
+
+    stock.save_pretrained(tmp_path / "llava")
+    weights = tmp_path / "atp.safetensors"
+    save_atp(apply_atp(tiny_llava(2, seed=3, image_size=24), ATPConfig(layers=(1,), init_threshold=0.3)), weights)
+    model = load_model(tmp_path / "llava", dtype=torch.float32, atp=weights, device="cpu")
+    assert not model.training and model.atp.config == read_atp_config(weights)
+    for bad in ({}, {"checkpoint": tmp_path / "llava", "tiny": True}):
+        with pytest.raises(ValueError, match="one of the two"):
+            load_model(**bad)
+
+    assert model_atp(tiny=True, atp=weights) == weights
+    cfg = model_atp(tiny=True)
+    assert (cfg.layers, cfg.init_threshold, cfg.mode) == ((1, 2, 3), 0.5, "adaptive")
+    cfg = model_atp(tiny=False, layers=(2,), mode="fastv", keep=(64,), seed=7)
+    assert (cfg.layers, cfg.fixed_keep, cfg.random_seed) == ((2,), (64,), 7)
+    assert model_atp(tiny=False, theta=(0.5, 0.5)).layers == (4, 14, 24)
+    with pytest.raises(ValueError, match="needs --atp FILE"):
+        model_atp(tiny=False, layers=(1,))
+    with pytest.raises(ValueError, match="untrained ATP modules"):
+        model_atp(tiny=True, atp=weights, keep=(3,))
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    with pytest.raises(SystemExit):  # what ATPConfig refuses is a usage error of the tools too
+        check_model_args(parser.parse_args(["--tiny", "--mode", "fixed", "--layers", "1,2", "--keep", "9"]), parser)
+    assert "fixed_keep must give one kept-token count per ATP layer" in capsys.readouterr().err
 
 
 def test_help_documents_max_steps_and_epochs(capsys, monkeypatch):

@@ -7,21 +7,25 @@
     --mode fastv --layers K --keep N   the FastV baseline (fixed-ratio: --mode fixed --keep a,b,c;
                                        random selection at those counts: --mode random --keep a,b,c)
 
+``load_model`` is the one loader of the model every tool runs (train.py, report.py,
+visualize.py, lmms_eval_model.py); ``model_atp`` turns these ATP options into what it takes;
 ``int_list`` parses every list of integers the tools take (these options, train.py's,
 lmms_eval_model.py's model_args).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import MODES, ATPConfig
 
-__all__ = ["int_list", "add_model_args", "check_model_args", "load_model", "synthetic_prompts"]
+__all__ = ["int_list", "add_model_args", "check_model_args", "model_atp", "load_model", "model_from_args",
+           "synthetic_prompts"]
 
 
 def int_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
@@ -62,40 +66,79 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
+def model_atp(*, tiny: bool, atp: Union[None, str, os.PathLike] = None, layers: Optional[Sequence[int]] = None,
+              theta: Optional[Sequence[float]] = None, mode: str = "adaptive", keep: Optional[Sequence[int]] = None,
+              init_threshold: Optional[float] = None, seed: int = 0) -> Union[str, os.PathLike, ATPConfig]:
+    """The ATP the tools' options ask for, as ``load_model`` takes it: the trained weights file
+    ``atp`` (with its own config), or else an ATPConfig of untrained modules at ``layers``
+    (default 1,2,3 with ``tiny``, else 4,14,24), fixed thresholds ``theta`` (theta_r, theta_s),
+    ``mode`` with ``keep`` tokens per ATP layer, initial thresholds ``init_threshold`` (default
+    0.5) and ``seed`` for mode "random"'s draws. ValueError for combinations that cannot mean
+    anything (and for what ATPConfig refuses)."""
+    if atp:
+        if layers or theta or init_threshold is not None or keep:
+            raise ValueError("--layers, --theta, --init-threshold and --keep set up untrained ATP modules; --atp "
+                             "loads trained ones with their own config")
+        return atp
+    if not tiny and theta is None and mode == "adaptive":
+        raise ValueError("--model needs --atp FILE (trained ATP weights) or --theta R S: untrained threshold MLPs "
+                         "would decide at random")
+    return ATPConfig(layers=layers or ((1, 2, 3) if tiny else (4, 14, 24)), theta_override=theta, mode=mode,
+                     fixed_keep=keep, init_threshold=0.5 if init_threshold is None else init_threshold,
+                     random_seed=seed)
+
+
+def _atp_options(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(tiny=args.tiny, atp=args.atp, layers=args.layers, theta=args.theta, mode=args.mode, keep=args.keep,
+                init_threshold=args.init_threshold, seed=args.seed)
+
+
 def check_model_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """parser.error for combinations of the model arguments that cannot mean anything."""
-    if args.atp and (args.layers or args.theta or args.init_threshold is not None or args.keep):
-        parser.error("--layers, --theta, --init-threshold and --keep set up untrained ATP modules; --atp loads "
-                     "trained ones with their own config")
-    if args.model and not args.atp and args.theta is None and args.mode == "adaptive":
-        parser.error("--model needs --atp FILE (trained ATP weights) or --theta R S: untrained threshold MLPs "
-                     "would decide at random")
+    """parser.error for model arguments that cannot mean anything (``model_atp``'s refusals)."""
+    try:
+        model_atp(**_atp_options(args))
+    except ValueError as e:
+        parser.error(str(e))
 
 
-def load_model(args: argparse.Namespace) -> nn.Module:
-    """The ATP model of the arguments: --tiny or --model, then --atp or an ATPConfig from
-    --layers/--theta/--mode/--keep; on its device, in eval mode."""
+def load_model(checkpoint: Union[None, str, os.PathLike] = None, *, tiny: bool = False, tiny_layers: int = 4,
+               tiny_decoder: str = "llama", tiny_image_size: Optional[int] = None, seed: int = 0,
+               dtype: Union[str, torch.dtype] = "float32", atp: Union[None, str, os.PathLike, ATPConfig] = None,
+               device: Union[None, str, torch.device] = None) -> nn.Module:
+    """The model every atp_llava tool runs, in eval mode: the saved LlavaForConditionalGeneration
+    ``checkpoint`` (a directory or hub id) or, with ``tiny``, a tiny random LLaVA (tiny.py:
+    ``tiny_layers`` decoder layers of ``tiny_decoder``, image side ``tiny_image_size``, default
+    tiny_llava's, weights from ``seed``), in ``dtype``; with the ATP of ``atp``: a weights file
+    (save_atp; its config is used) or an ATPConfig (untrained modules; ``layers`` None: the
+    model's default_layers), or None for the stock model; on ``device`` (default: cuda if
+    available, else cpu)."""
     from .io import load_atp
     from .patch import apply_atp
 
-    dtype = getattr(torch, args.dtype)
-    if args.tiny:
+    if tiny == (checkpoint is not None):
+        raise ValueError("load_model: name a checkpoint or set tiny=True (one of the two)")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if tiny:
         from .tiny import tiny_llava
 
-        model = tiny_llava(args.tiny_layers, decoder=args.tiny_decoder, seed=args.seed).to(dtype)
+        size = {} if tiny_image_size is None else {"image_size": tiny_image_size}
+        model = tiny_llava(tiny_layers, decoder=tiny_decoder, seed=seed, **size).to(dtype)
     else:
         from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
-    if args.atp:
-        load_atp(model, args.atp)
-    else:
-        layers = args.layers or ((1, 2, 3) if args.tiny else (4, 14, 24))
-        apply_atp(model, ATPConfig(layers=layers, theta_override=args.theta, mode=args.mode, fixed_keep=args.keep,
-                                   init_threshold=0.5 if args.init_threshold is None else args.init_threshold,
-                                   random_seed=args.seed))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
+    if isinstance(atp, ATPConfig):
+        apply_atp(model, atp)
+    elif atp is not None:
+        load_atp(model, atp)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """``load_model`` of the options ``add_model_args`` defines."""
+    return load_model(args.model, tiny=args.tiny, tiny_layers=args.tiny_layers, tiny_decoder=args.tiny_decoder,
+                      seed=args.seed, dtype=args.dtype, atp=model_atp(**_atp_options(args)), device=args.device)
 
 
 def synthetic_prompts(model: nn.Module, batch: int, seed: int = 0) -> Dict[str, torch.Tensor]:

@@ -41,7 +41,6 @@ throughput log (``log_metrics``), so they appear in the results JSON under "thro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -57,7 +56,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
-from .cli import int_list
+from .cli import int_list, load_model, model_atp
 from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, load_image
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
@@ -141,15 +140,6 @@ class LoglikelihoodResult(GenerationResult):
     __hash__ = None
 
 
-class _ArgError:
-    """Stands in for argparse's parser in cli.check_model_args: errors raise instead of exiting."""
-
-    @staticmethod
-    def error(message: str):
-        raise ValueError(f"atp_llava model_args: {message} (model_args names: atp, layers, theta, "
-                         "init_threshold, keep, mode, seed)")
-
-
 class _StopOnStrings(StoppingCriteria):
     """StoppingCriteria: a sample is done once its new tokens hold eos or decode to text with one
     of ``until``; remembers at which step each sample finished (its generated-token count)."""
@@ -206,14 +196,14 @@ class ATPLlava(lmms):
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"atp_llava model_args: batch_size must be >= 1, got {batch_size}")
-        from .cli import check_model_args, load_model
-
-        init = None if init_threshold is None else float(init_threshold)
-        args = argparse.Namespace(tiny=False, model=str(pretrained), atp=atp, layers=_int_list(layers, "layers"),
-                                  theta=_theta(theta), init_threshold=init, mode=str(mode),
-                                  keep=_int_list(keep, "keep"), dtype=str(dtype), device=device, seed=int(seed))
-        check_model_args(args, _ArgError())
-        self._model = load_model(args)  # LlavaForConditionalGeneration + ATP, on its device, eval()
+        options = dict(layers=_int_list(layers, "layers"), theta=_theta(theta), keep=_int_list(keep, "keep"),
+                       init_threshold=None if init_threshold is None else float(init_threshold))
+        try:
+            source = model_atp(tiny=False, atp=atp, mode=str(mode), seed=int(seed), **options)
+        except ValueError as e:
+            raise ValueError(f"atp_llava model_args: {e} (model_args names: atp, layers, theta, init_threshold, "
+                             "keep, mode, seed)") from None
+        self._model = load_model(str(pretrained), dtype=str(dtype), atp=source, device=device)  # eval()
         self._device = next(self._model.parameters()).device
         self._dtype = next(self._model.parameters()).dtype
         self._config = self._model.config

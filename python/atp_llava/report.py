@@ -33,12 +33,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> ATPReport:
     """Command line entry point: one call of the model on synthetic prompts; prints and returns
     its report."""
-    from .cli import check_model_args, load_model, synthetic_prompts
+    from .cli import check_model_args, model_from_args, synthetic_prompts
 
     parser = _parser()
     args = parser.parse_args(argv)
     check_model_args(args, parser)
-    model = load_model(args)
+    model = model_from_args(args)
     inputs = synthetic_prompts(model, args.batch, args.seed)
     with torch.no_grad():
         if args.new_tokens > 0:

@@ -36,14 +36,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .cli import int_list
+from .cli import int_list, load_model
 from .config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
 from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .layout import IGNORE_INDEX
 from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
 from .distributed import is_rank0, shard_fsdp2
-from .patch import apply_atp, get_atp_controller
+from .patch import get_atp_controller
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
 
@@ -212,17 +212,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if args.fsdp and args.nproc < 2 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         parser.error("--fsdp shards over several processes: run under torchrun --nproc-per-node N or with --nproc N, "
                      "N >= 2")
-
-
-def _load_model(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
-    if args.tiny:
-        from .tiny import tiny_llava
-
-        size = {} if args.tiny_image_size is None else {"image_size": args.tiny_image_size}
-        return tiny_llava(args.tiny_layers, decoder=args.tiny_decoder, seed=args.seed, **size).to(dtype)
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
 
 
 def _load_tokenizer(args: argparse.Namespace):
@@ -486,11 +475,10 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
     config = config_from_args(args)
     if config.mode != "adaptive" and not config.train_lm:
         raise ValueError(f"--mode {config.mode} has no ATP parameters to train; add --train-lm")
-    model = _load_model(args, dtype)
+    # No --layers: apply_atp fills in ATPConfig.default_layers of this model's depth.
+    model = load_model(args.model, tiny=args.tiny, tiny_layers=args.tiny_layers, tiny_decoder=args.tiny_decoder,
+                       tiny_image_size=args.tiny_image_size, seed=args.seed, dtype=dtype, atp=config, device=device)
     tokenizer = _load_tokenizer(args)
-    # No --layers: ATPConfig.default_layers of this model's depth.
-    apply_atp(model, config.for_depth(model.config.text_config.num_hidden_layers))
-    model.to(device)
     if args.grad_ckpt:
         # Non-reentrant: the per-forward ATP state rides in the layers' keyword arguments.
         if hasattr(model, "activation_checkpointing_enable"):

@@ -315,9 +315,9 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         except (OSError, ValueError) as e:
             parser.error(f"--model {args.model}: --image/--prompt need the checkpoint's tokenizer, which could not "
                          f"be loaded ({e}); without both, a synthetic prompt and image are used")
-    from .cli import load_model, synthetic_prompts
+    from .cli import model_from_args, synthetic_prompts
 
-    model = load_model(args)
+    model = model_from_args(args)
     n_grid, image_token_id = model.atp.n_grid, model.config.image_token_id
     if tokenizer is not None:
         ids = _prompt_ids(tokenizer, args.prompt or "Describe the image.", n_grid, image_token_id)

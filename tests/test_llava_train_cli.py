@@ -354,6 +354,57 @@ def test_records_errors_say_what_to_pass(tmp_path):
         RecordsDataset(bad, None, TINY_IMAGE_TOKEN, N_GRID, 48)[0]
 
 
+class _WordTokenizer:
+    """encode() as a word-level tokenizer, recording the texts it was given."""
+
+    def __init__(self, bos_token_id=1):
+        self.bos_token_id, self.eos_token_id, self.vocab, self.texts = bos_token_id, 2, {}, []
+
+    def encode(self, text, add_special_tokens=True):
+        assert not add_special_tokens
+        self.texts.append(text)
+        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+
+    def words(self, ids):
+        names = {i: w for w, i in self.vocab.items()}
+        return [names.get(i, {1: "<s>", 99: "I"}.get(i)) for i in ids]
+
+
+def test_encode_prompt_places_images_as_training_and_the_tools_expect(tmp_path):
+    """data.encode_prompt, the one prompt encoding (RecordsDataset, visualize, the lmms-eval plugin):
+    bos, the template's text around the prompt, n_grid image tokens per image at the prompt's own
+    <image> placeholders, the rest at the template's {image}."""
+    from atp_llava.data import LLAVA_TEMPLATE, encode_prompt
+
+    def enc(prompt, images, template=LLAVA_TEMPLATE, bos=1):
+        tok = _WordTokenizer(bos)
+        return tok.words(encode_prompt(tok, prompt, images, 99, 2, template)), tok.texts
+
+    img = ["I", "I"]
+    assert enc("what is this", 1) == (["<s>", "USER:"] + img + ["what", "is", "this", "ASSISTANT:"],
+                                      ["USER: ", "\nwhat is this ASSISTANT:"])
+    assert enc("what is this", 2)[1] == ["USER: ", "\n", "\nwhat is this ASSISTANT:"]  # newline-separated
+    assert enc("what is <image> and this", 2)[0] == ["<s>", "USER:"] + img + ["what", "is"] + img + \
+        ["and", "this", "ASSISTANT:"]
+    # every image placed by the prompt: the template's {image} and its newline go
+    assert enc("look <image> here", 1) == (["<s>", "USER:", "look"] + img + ["here", "ASSISTANT:"],
+                                           ["USER: look ", " here ASSISTANT:"])
+    assert enc("hi", 0) == (["<s>", "USER:", "hi", "ASSISTANT:"], ["USER: hi ASSISTANT:"])
+    assert enc("say {image}", 1)[0] == ["<s>", "USER:"] + img + ["say", "{image}", "ASSISTANT:"]
+    assert enc("q", 1, template="{prompt} {image}", bos=None) == (["q"] + img, ["q "])
+    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
+        enc("<image> and <image>", 1)
+
+    # RecordsDataset's text records are encode_prompt's ids, then the answer and eos
+    torch.save(torch.rand(3, 48, 48), tmp_path / "a.pt")
+    tok = _WordTokenizer()
+    ex = RecordsDataset([{"image": str(tmp_path / "a.pt"), "prompt": "what is <image> this", "answer": "cat"}],
+                        tok, 99, 2, 48)[0]
+    prompt = encode_prompt(tok, "what is <image> this", 1, 99, 2)
+    assert ex["input_ids"] == prompt + [tok.vocab["cat"], 2]
+    assert tok.words(prompt) == ["<s>", "USER:", "what", "is"] + img + ["this", "ASSISTANT:"]
+
+
 def test_tokenizer_flag_with_tiny(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast

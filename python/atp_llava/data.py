@@ -13,6 +13,8 @@ where ``input_ids`` already holds ``n_grid`` image tokens per image (k images) a
   ``{"image": ..., "prompt_ids": [int], "answer_ids": [int]}`` that need no tokenizer. Images
   load from ``.pt``/``.npy`` arrays (C, H, W) or (H, W, C), or any format PIL reads when PIL is
   installed.
+* ``encode_prompt``: a prompt and its images as token ids in a template, the one prompt
+  encoding of training (RecordsDataset), visualize.py and the lmms-eval plugin.
 """
 from __future__ import annotations
 
@@ -25,12 +27,45 @@ import torch.nn.functional as F
 
 from .layout import IGNORE_INDEX
 
-__all__ = ["SyntheticDataset", "RecordsDataset", "collate", "load_image", "CLIP_MEAN", "CLIP_STD",
-           "LLAVA_TEMPLATE"]
+__all__ = ["SyntheticDataset", "RecordsDataset", "collate", "load_image", "encode_prompt", "CLIP_MEAN", "CLIP_STD",
+           "LLAVA_TEMPLATE", "IMAGE_PLACEHOLDER"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLAVA_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"  # where a prompt's text puts an image (encode_prompt)
+_MARKER = "\x00IMAGE\x00"  # an image's place while the prompt is text; no tokenizer's text holds it
+
+
+def encode_prompt(tokenizer, prompt: str, num_images: int, image_token_id: int, n_grid: int,
+                  template: str = LLAVA_TEMPLATE) -> List[int]:
+    """The token ids of ``prompt`` with ``num_images`` images, as training, the tools and the
+    lmms-eval plugin all encode it: the tokenizer's bos, then ``template`` with ``{prompt}``
+    replaced by ``prompt`` and every image as ``n_grid`` image tokens (``image_token_id``). The
+    images go at the prompt's own IMAGE_PLACEHOLDERs (``<image>``) in order, the rest at the
+    template's ``{image}``, newline-separated (none left: ``{image}`` and its newline are dropped).
+    The text between images is encoded without special tokens. ValueError if the prompt has more
+    placeholders than images.
+
+    ``tokenizer``: any Hugging Face tokenizer (``encode``, ``bos_token_id``)."""
+    placed = prompt.count(IMAGE_PLACEHOLDER)
+    if placed > num_images:
+        raise ValueError(f"encode_prompt: the prompt has {placed} {IMAGE_PLACEHOLDER} placeholders for "
+                         f"{num_images} images")
+    rest = num_images - placed
+    if not rest:
+        template = template.replace("{image}\n", "").replace("{image}", "")
+    # {image} first: a prompt's own text "{image}" stays text
+    text = template.replace("{image}", "\n".join([_MARKER] * rest)).replace(
+        "{prompt}", prompt.replace(IMAGE_PLACEHOLDER, _MARKER))
+    ids: List[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    pieces = text.split(_MARKER)
+    for j, piece in enumerate(pieces):
+        if piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+        if j < len(pieces) - 1:
+            ids += [image_token_id] * n_grid
+    return ids
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -118,13 +153,14 @@ class RecordsDataset(torch.utils.data.Dataset):
     """Records from a list or a local .json (a list) / .jsonl file, in one of two forms:
 
     * ``{"image": path | [paths] | tensor, "prompt": str, "answer": str}``, tokenized with
-      ``tokenizer`` in the LLaVA-1.5 template::
+      ``tokenizer`` in the LLaVA-1.5 template (``encode_prompt``)::
 
           <bos> USER: <image>\\n{prompt} ASSISTANT: {answer}<eos>
 
-      Each image placeholder becomes ``n_grid`` image tokens; several images give several
-      placeholders, newline-separated. ``tokenizer`` is any Hugging Face tokenizer (``encode``,
-      ``bos_token_id``, ``eos_token_id``).
+      Each image becomes ``n_grid`` image tokens; several images go newline-separated at the
+      template's ``<image>``, or, where the prompt's text holds ``<image>`` placeholders (as
+      LLaVA's own instruction data does), there. ``tokenizer`` is any Hugging Face tokenizer
+      (``encode``, ``bos_token_id``, ``eos_token_id``).
     * ``{"image": ..., "prompt_ids": [int], "answer_ids": [int]}``, pre-tokenised: used as they
       are (bos, template and eos are the record's), no tokenizer needed. ``prompt_ids`` holds
       ``image_token_id`` once per image where that image goes (expanded to ``n_grid`` tokens),
@@ -183,15 +219,7 @@ class RecordsDataset(torch.utils.data.Dataset):
 
     def _tokenize(self, r: Dict[str, Any], num_images: int) -> Tuple[List[int], List[int]]:
         """(prompt ids with n_grid image tokens per image, answer ids) of a text record."""
-        marker = "\x00IMAGE\x00"
-        prompt = self.template.format(image="\n".join([marker] * num_images), prompt=r["prompt"])
-        ids: List[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-        pieces = prompt.split(marker)
-        for j, piece in enumerate(pieces):
-            if piece:
-                ids += self._encode(piece)
-            if j < len(pieces) - 1:
-                ids += [self.image_token_id] * self.n_grid
+        ids = encode_prompt(self.tokenizer, r["prompt"], num_images, self.image_token_id, self.n_grid, self.template)
         answer = self._encode(" " + r["answer"])
         if self.tokenizer.eos_token_id is not None:
             answer.append(self.tokenizer.eos_token_id)

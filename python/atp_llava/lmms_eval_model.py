@@ -57,7 +57,7 @@ from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
 from .cli import int_list, load_model, model_atp
-from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, load_image
+from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, encode_prompt, load_image
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
 
@@ -65,8 +65,6 @@ MODEL_ID = "atp_llava"
 CLASS_PATH = "atp_llava.lmms_eval_model.ATPLlava"
 # setup.py's entry_points={"lmms_eval.models": [ENTRY_POINT]} (tests check the two agree).
 ENTRY_POINT = "atp_llava = atp_llava.lmms_eval_model:lmms_eval_manifest"
-IMAGE_PLACEHOLDER = "<image>"
-_MARKER = "\x00IMAGE\x00"
 _VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".wmv", ".m4v")
 # per-sample fields of ATPReport.to_dict(), split per request
 _PER_SAMPLE = ("n_bar", "vision_tokens", "tokens_seen", "flops_per_layer", "flops", "flops_full",
@@ -312,24 +310,9 @@ class ATPLlava(lmms):
         return list(self._tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def _prompt_ids(self, context: str, n_images: int) -> List[int]:
-        """<bos> + the template around ``context``, each image as ``n_grid`` image tokens: at the
-        context's own <image> placeholders, the rest at the template's {image} (RecordsDataset's
-        layout)."""
-        placed = context.count(IMAGE_PLACEHOLDER)
-        if placed > n_images:
-            raise ValueError(f"atp_llava: the prompt has {placed} {IMAGE_PLACEHOLDER} placeholders for "
-                             f"{n_images} images")
-        context = context.replace(IMAGE_PLACEHOLDER, _MARKER)
-        rest = n_images - placed
-        template = self.template if rest else self.template.replace("{image}\n", "").replace("{image}", "")
-        prompt = template.replace("{image}", "\n".join([_MARKER] * rest)).replace("{prompt}", context)
-        ids: List[int] = [] if self._tokenizer.bos_token_id is None else [self._tokenizer.bos_token_id]
-        pieces = prompt.split(_MARKER)
-        for j, piece in enumerate(pieces):
-            ids += self._encode(piece)
-            if j < len(pieces) - 1:
-                ids += [self.image_token_id] * self.n_grid
-        return ids
+        """data.encode_prompt in this model's template: the images at the context's own <image>
+        placeholders, the rest at the template's {image}."""
+        return encode_prompt(self._tokenizer, context, n_images, self.image_token_id, self.n_grid, self.template)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> List[Any]:
         if doc_to_visual is None:

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, load_image
+from .data import CLIP_MEAN, CLIP_STD, _preprocess, encode_prompt, load_image
 from .patch import KEEP_REDUNDANT, KEEP_SPATIAL, get_atp_controller
 
 __all__ = ["write_png", "read_png", "render_pruning", "denormalize", "pruning_codes", "visualize_pruning",
@@ -275,15 +275,6 @@ def _synthetic_picture(size: int, seed: int) -> torch.Tensor:
     return img
 
 
-def _prompt_ids(tokenizer, prompt: str, n_grid: int, image_token_id: int) -> List[int]:
-    """``<bos> USER: <image>\\n{prompt} ASSISTANT:`` with the image as n_grid image tokens, as
-    atp_llava.data.RecordsDataset encodes the prompt in training."""
-    before, after = LLAVA_TEMPLATE.format(image="\x00", prompt=prompt).split("\x00")
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return (bos + list(tokenizer.encode(before, add_special_tokens=False)) + [image_token_id] * n_grid
-            + list(tokenizer.encode(after, add_special_tokens=False)))
-
-
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .cli import check_model_args
 
@@ -320,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
     model = model_from_args(args)
     n_grid, image_token_id = model.atp.n_grid, model.config.image_token_id
     if tokenizer is not None:
-        ids = _prompt_ids(tokenizer, args.prompt or "Describe the image.", n_grid, image_token_id)
+        ids = encode_prompt(tokenizer, args.prompt or "Describe the image.", 1, image_token_id, n_grid)
     else:
         ids = synthetic_prompts(model, 1, args.seed)["input_ids"][0].tolist()
     size = model.config.vision_config.image_size

@@ -107,3 +107,29 @@ def test_fsdp2_eval_generate_and_save_match_an_unsharded_model(fsdp_run, referen
         assert torch.equal(gen, run["generated"])
         assert torch.equal(other.atp_stats["tokens"], run["tokens"])
         torch.testing.assert_close(other.logits, run["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_shard_fsdp2_finds_the_decoder_layers_through_the_adapter(tmp_path, monkeypatch):
+    """shard_fsdp2 shards the layers the model's adapter names (ModelAdapter.language_model()),
+    then model.atp and the root; a model without ATP is refused. One gloo process."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from atp_llava import get_atp_controller, shard_fsdp2
+
+    with pytest.raises(TypeError, match="expected an ATP model"):
+        shard_fsdp2(tiny_llava(2))
+    model = apply_atp(tiny_llava(4, seed=0), ATPConfig(layers=(1, 2, 3)))
+    layers = model.model.language_model.layers
+    adapter = get_atp_controller(model).adapter
+    # an adapter whose decoder holds the first two layers only: the other two stay unsharded
+    decoder = torch.nn.Module()
+    decoder.layers = torch.nn.ModuleList(list(layers)[:2])
+    monkeypatch.setattr(adapter, "language_model", lambda: decoder)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert shard_fsdp2(model) is model
+        assert [isinstance(layer, FSDPModule) for layer in layers] == [True, True, False, False]
+        assert isinstance(model.atp, FSDPModule) and isinstance(model, FSDPModule)
+    finally:
+        dist.destroy_process_group()

@@ -4,8 +4,8 @@
     model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
 """
 from .config import ATPConfig
-from .distributed import shard_fsdp2
 from .efficiency import ATPReport, layer_flops, run_cost
+from .fsdp import shard_fsdp2
 from .io import load_atp, read_atp_config, save_atp
 from .layout import SeqView, VisionLayout
 from .losses import atp_losses, tokens_per_layer

@@ -42,7 +42,8 @@ from .data import RecordsDataset, SyntheticDataset, collate
 from .io import save_atp
 from .layout import IGNORE_INDEX
 from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
-from .distributed import is_rank0, shard_fsdp2
+from .distributed import is_rank0
+from .fsdp import shard_fsdp2
 from .patch import get_atp_controller
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]

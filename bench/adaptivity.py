@@ -83,7 +83,7 @@ from atp_llava import ATPConfig, apply_atp  # noqa: E402
 from atp_llava.data import collate  # noqa: E402
 from atp_llava.layout import IGNORE_INDEX  # noqa: E402
 from atp_llava.optim import param_groups  # noqa: E402
-from atp_llava.patch import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
+from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
 from atp_llava.tiny import tiny_llava  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

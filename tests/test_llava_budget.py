@@ -18,7 +18,7 @@ from atp_llava.data import SyntheticDataset, collate  # noqa: E402
 from atp_llava.losses import adapt_budget_weight, budget_error, target_loss  # noqa: E402
 from atp_llava.modules import ThresholdMLP, bounded_logit  # noqa: E402
 from atp_llava.optim import param_groups  # noqa: E402
-from atp_llava.patch import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
+from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
 from atp_llava.spatial import spatial_score  # noqa: E402
 from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 

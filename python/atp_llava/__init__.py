@@ -3,6 +3,7 @@
     from atp_llava import ATPConfig, apply_atp
     model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
 """
+from .attention import ATTN_IMPLEMENTATION
 from .config import ATPConfig
 from .efficiency import ATPReport, layer_flops, run_cost
 from .fsdp import shard_fsdp2
@@ -11,10 +12,10 @@ from .layout import SeqView, VisionLayout
 from .losses import atp_losses, tokens_per_layer
 from .modules import ATPModules, ThresholdMLP
 from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
-from .patch import (ATTN_IMPLEMENTATION, KEEP_REDUNDANT, KEEP_SPATIAL, SUPPORTED_TRANSFORMERS, apply_atp,
-                    check_transformers_version, get_atp_controller, remove_atp)
+from .patch import SUPPORTED_TRANSFORMERS, apply_atp, check_transformers_version, get_atp_controller, remove_atp
 from .rope2d import positions_3d, rope_2d_cos_sin
 from .spatial import default_strides, spatial_score
+from .step import KEEP_REDUNDANT, KEEP_SPATIAL
 
 __all__ = [
     "ATPConfig",

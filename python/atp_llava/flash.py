@@ -20,10 +20,11 @@ import inspect
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from .layout import padding_bias
 
-__all__ = ["FLASH_DTYPES", "MAX_HEAD_DIM", "kernel", "unusable", "leftpad", "decode_attention"]
+__all__ = ["FLASH_DTYPES", "MAX_HEAD_DIM", "kernel", "unusable", "decode_kernel", "leftpad", "decode_attention"]
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -50,6 +51,22 @@ def unusable(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optiona
         return f"flash-attn takes float16/bfloat16, the model is {dtype}"
     if head_dim > MAX_HEAD_DIM or head_dim % 8:
         return f"flash-attn takes head dims <= {MAX_HEAD_DIM} that are multiples of 8, the model's is {head_dim}"
+    return None
+
+
+def decode_kernel(model: nn.Module, head_dim: int, wanted: Optional[bool]) -> Optional[Callable]:
+    """flash-attn's decode kernel if ``model``'s pruned decoding runs on it (``wanted``:
+    ATPConfig.flash_decode), else None."""
+    if wanted is False:
+        return None
+    fn = kernel()
+    param = model.lm_head.weight if hasattr(model, "lm_head") else next(model.parameters())
+    why = ("flash-attn 2.6 or newer is not installed (pip install .[flash])" if fn is None
+           else unusable(param.device, param.dtype, head_dim))
+    if why is None:
+        return fn
+    if wanted:
+        raise RuntimeError(f"ATPConfig.flash_decode=True, but {why}")
     return None
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import CLIP_MEAN, CLIP_STD, _preprocess, encode_prompt, load_image
-from .patch import KEEP_REDUNDANT, KEEP_SPATIAL, get_atp_controller
+from .patch import get_atp_controller
+from .step import KEEP_REDUNDANT, KEEP_SPATIAL
 
 __all__ = ["write_png", "read_png", "render_pruning", "denormalize", "pruning_codes", "visualize_pruning",
            "build_parser", "main", "PALETTE", "GUTTER", "GUTTER_COLOUR", "NEUTRAL_COLOUR"]

@@ -5,8 +5,8 @@ nothing else: where the decoder layers are, which parameters belong to the visio
 grid of a fixed-grid family, where each image's tokens of a batch lie and on which grid
 (``ImageTokens``), which tokens are structural, how a batch without images still runs the vision
 encoder (distributed training), and which ATPConfig options the family's positions rule out.
-Scores, thresholds, masks, gathering and the pruned cache (patch.py) never ask which family
-they run on.
+Scores, thresholds, masks, gathering and the pruned cache (step.py, state.py, patch.py) never
+ask which family they run on.
 
     adapter_for(model, config) -> the adapter of ``type(model)``; an unknown class is refused with the
                            list of the supported ones (``SUPPORTED_MODELS``).

@@ -1,0 +1,180 @@
+"""The ATP step (paper Eq. 3-11, DESIGN §3.2-3.4): before an ATP decoder layer, the scores of
+the layer before, the thresholds, the masks, and what the layers from here on see, as plain
+functions over the per-forward state (``ATPState``), the ATP modules and the config. The hooks
+(patch.py) call ``atp_step``; a test can call it on a state it built.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import atp_ops
+
+from .config import ATPConfig
+from .layout import SeqView, VisionLayout, gather_slots
+from .modules import ATPModules
+from .state import ATPState
+
+__all__ = ["KEEP_REDUNDANT", "KEEP_SPATIAL", "atp_step", "drop", "image_scores", "top_k", "last_rows"]
+
+
+# Why a token survived an ATP layer with hard masks (atp_stats["keep_codes"]); a bit each.
+KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed, fastv and
+                    # random modes: selected)
+KEEP_SPATIAL = 2    # S_spatial > theta_s
+
+
+def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules, config: ATPConfig,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The ATP module before decoder layer ``layer``: scores from the layer before, thresholds,
+    masks; returns the hidden states the layer runs on (gathered when tokens leave).
+
+    ``state`` holds the score layer's capture (``state.captures``) and takes this layer's masks,
+    counts, thresholds and keep codes; ``hidden`` (B, Lc, d) are the layer's input hidden states;
+    ``atp`` the model's ATPModules, ``config`` its ATPConfig; ``generator`` the draws of mode
+    "random" (None: torch's default generator)."""
+    lay = state.layout
+    score_layer = ATPConfig.score_layer(layer)
+    capture = state.captures.pop(score_layer, None)
+    if capture is None:
+        raise RuntimeError(f"ATP layer {layer}: decoder layer {score_layer} did not run with atp attention")
+    if lay.num_images == 0:
+        for counts in (state.kept, state.kept_soft, state.kept_hard):
+            counts.append(state.img_bias.new_zeros(0))
+        if config.mode == "adaptive":
+            state.theta_r.append(state.img_bias.new_zeros(0))
+            state.theta_s.append(state.img_bias.new_zeros(0))
+            if config.theta_override is None:
+                # No image, but the layer's threshold MLP still runs (on a zero input), and
+                # its output joins the loss with weight 0: every rank runs the same modules
+                # in the same order and every ATP parameter gets a gradient (FSDP2's and
+                # ZeRO-3's collectives, DDP without find_unused_parameters). It joins the
+                # key_bias of the layers from here on as well, so that the backward runs
+                # through the same decoder layers as a batch with images (FSDP2 gathers each
+                # layer's parameters for its backward: a rank that skipped them would hang).
+                tr, ts = atp(layer, *atp.null_input(state.img_bias.device))
+                null = (tr.sum() + ts.sum()) * 0.0
+                state.null_terms.append(null)
+                if null.requires_grad:
+                    state.current_bias = state.current_bias + null.to(state.current_bias.dtype)
+        return drop(state, hidden)
+    q, k, lse, bias_used, scale, causal = capture
+    prev = state.img_bias
+    kept = torch.isfinite(prev)  # the tokens this forward still holds
+    if config.mode != "random":
+        cross_rows = lay.text_rows if config.mode != "fastv" else last_rows(lay.text_rows)
+        s_self, s_cross = image_scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale,
+                                       causal)
+    if config.mode == "adaptive":
+        s_red = atp_ops.redundant_score(s_self, s_cross, kept)
+        s_spatial, cells = state.spatial_and_cells(atp)
+        theta_r, theta_s = atp(layer, s_self.detach(), s_cross.detach(), kept, cells, atp.globals(lay, kept))
+        soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, config.temperature)  # log M, Eq. 9-11
+        by_red = (s_red > theta_r[:, None]) | top_k(s_red, state.img_keep, config.min_keep)
+        by_spatial = s_spatial > theta_s[:, None]
+        keep = (by_red | by_spatial) & state.img_keep
+        if state.hard:
+            state.keep_codes.append((by_red & keep).to(torch.uint8) * KEEP_REDUNDANT
+                                    + (by_spatial & keep).to(torch.uint8) * KEEP_SPATIAL)
+        if state.hard or state.img_mask is not None:
+            new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+        else:  # the paper's soft masks, accumulated in log space
+            new = prev + soft
+        state.img_soft = state.img_soft + soft.detach()
+        state.theta_r.append(theta_r)
+        state.theta_s.append(theta_s)
+    else:
+        if config.mode == "random":  # uniform draws: the top k of i.i.d. keys is a uniform k-subset
+            ranking = torch.rand(kept.shape, generator=generator).to(kept.device)
+        elif config.mode == "fastv":
+            ranking = s_cross
+        else:
+            ranking = atp_ops.redundant_score(s_self, s_cross, kept)
+        keep = top_k(ranking, kept, config.fixed_keep[config.layers.index(layer)])
+        new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+        state.img_soft = new
+        if state.hard:
+            state.keep_codes.append(keep.to(torch.uint8) * KEEP_REDUNDANT)
+    state.img_bias = new
+    state.img_keep = keep
+    state.kept_hard.append(keep.sum(-1).to(prev.dtype))
+    state.kept_soft.append(state.img_soft.exp().sum(-1))
+    if state.img_mask is not None:
+        # Straight-through (ATPConfig.budget "hard"): the value of the hard mask, the
+        # gradient of the soft one; the layers see it as a multiplicative key_mask.
+        m = soft.exp()
+        state.img_mask = state.img_mask * (m + (keep.to(m.dtype) - m).detach())
+        state.kept.append(state.img_mask.sum(-1))
+        state.current_mask = lay.scatter(state.img_mask, torch.ones_like(lay.pad_bias))
+    else:
+        state.kept.append(new.exp().sum(-1))
+        state.current_bias = lay.scatter(new, lay.pad_bias)
+    return drop(state, hidden)
+
+
+def drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
+    """Pruned forward: the tokens whose bias is -inf leave; the rest are gathered into the new
+    view (``state.current_bias`` moves to its slots). Otherwise nothing moves."""
+    if not state.prune:
+        return hidden
+    view = state.view
+    bias = state.current_bias if view is None else gather_slots(state.current_bias, view.orig, float("-inf"))
+    keep = torch.isfinite(bias)
+    if view is not None and torch.equal(keep, view.valid):
+        state.current_bias = bias
+        return hidden
+    state.view = SeqView.keep(keep, view, state.layout.seq_len)
+    state.current_bias = gather_slots(bias, state.view.src, float("-inf"))
+    state.position_embeddings = state.position_ids = None
+    return gather_slots(hidden, state.view.src)
+
+
+def image_scores(lay: VisionLayout, view: Optional[SeqView], q, k, lse, bias_used, prev_img_bias, cross_rows,
+                 scale, causal):
+    """S_self, S_cross (I, N) of every image from one score layer, one atp_scores call per
+    image slot (so per-sample row weights stay a (B, Lc) tensor over the slots the layer ran
+    on). ``cross_rows`` (I, L): the rows of S_cross, in original positions."""
+    b, lc = q.shape[0], q.shape[2]
+    n_img, n = lay.image_pos.shape
+    s_self = prev_img_bias.new_zeros(n_img, n)
+    s_cross = prev_img_bias.new_zeros(n_img, n)
+    w_img = prev_img_bias.exp()  # Eq. 3 rows weighted by their current soft mask (§3.2)
+    for idx in lay.slot_images:
+        rows = lay.image_sample[idx]
+        # the image's tokens in the slots (lc: gone or past the image's count, a spare
+        # column that is dropped)
+        valid = lay.image_valid[idx]
+        pos = lay.image_pos[idx].clamp_min(0)
+        if view is not None:
+            pos = view.inv[rows[:, None], pos]
+        pos = torch.where(valid, pos, lc)
+        w_self = lse.new_zeros(b, lc + 1, dtype=torch.float32)
+        w_self[rows[:, None].expand(-1, n), pos] = w_img[idx]
+        w_cross = lse.new_zeros(b, lc, dtype=torch.float32)
+        w_cross[rows] = (cross_rows[idx] if view is None else gather_slots(cross_rows[idx], view.orig[rows], False)).float()
+        ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, w_self[:, :lc].contiguous(), w_cross,
+                                    causal=causal, scale=scale)
+        s_self[idx] = torch.nn.functional.pad(ss, (0, 1))[rows[:, None], pos].float()
+        s_cross[idx] = torch.nn.functional.pad(sc, (0, 1))[rows[:, None], pos].float()
+    return s_self, s_cross
+
+
+def top_k(score: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """(I, N) bool: the ``k`` tokens with the highest ``score`` among each image's ``kept``
+    ones (all of them where fewer are kept). The fixed-ratio baseline's selection (paper
+    Table 2; FastV with S_cross as the score) and the hard masks' floor (ATPConfig.min_keep)."""
+    ranked = torch.where(kept, score, torch.full_like(score, float("-inf")))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))
+    return (rank < k) & kept
+
+
+def last_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(I, L) bool -> the same with only the last True of each row kept (FastV's one query row)."""
+    last = torch.where(rows, torch.arange(rows.shape[1], device=rows.device), -1).amax(1)
+    out = torch.zeros_like(rows)
+    has = last >= 0
+    out[has.nonzero().squeeze(1), last[has]] = True
+    return out

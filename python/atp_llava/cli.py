@@ -17,15 +17,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import MODES, ATPConfig
 
-__all__ = ["int_list", "add_model_args", "check_model_args", "model_atp", "load_model", "model_from_args",
-           "synthetic_prompts"]
+__all__ = ["list_items", "int_list", "add_model_args", "check_model_args", "model_atp", "load_model",
+           "model_from_args", "synthetic_prompts"]
+
+
+def list_items(text: str) -> List[str]:
+    """The items of a list written as text: separated by commas, colons, semicolons or white
+    space, the whole optionally in brackets ("[1,2,3]", "1:2:3", "0.5 0.5"); empty items are
+    skipped."""
+    return [p for p in re.split(r"[\s,:;]+", text.strip().strip("[]()")) if p]
 
 
 def int_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
@@ -36,7 +43,7 @@ def int_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
     out (a script's ``--layers "$LAYERS"`` with LAYERS empty). Anything else raises ValueError."""
     if text is None:
         return None
-    parts = [p for p in re.split(r"[\s,:;]+", text.strip().strip("[]()")) if p]
+    parts = list_items(text)
     if not parts:
         return None
     try:

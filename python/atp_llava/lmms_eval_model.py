@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -56,7 +55,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
-from .cli import int_list, load_model, model_atp
+from .cli import int_list, list_items, load_model, model_atp
 from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, encode_prompt, load_image
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
@@ -99,7 +98,7 @@ def _theta(value) -> Optional[Tuple[float, float]]:
     if isinstance(value, (list, tuple)):
         parts = list(value)
     else:
-        parts = [p for p in re.split(r"[\s,:;]+", str(value).strip().strip("[]()")) if p]
+        parts = list_items(str(value))
     try:
         out = tuple(float(p) for p in parts)
     except ValueError:

@@ -31,9 +31,11 @@ def _grids(code: torch.Tensor, tile: Tuple[int, int]) -> Tuple[torch.Tensor, tor
         raise ValueError(f"ATP (LLaVA-NeXT): an image packs {n_base} base-tile tokens, expected {tile[0] * tile[1]}")
     grids, shapes = [grid_coords(tile)], [tuple(tile)]
     canvas = code[n_base:]
-    if canvas.numel() > 1:  # more than the one newline of a base-only image
+    on = canvas >= 0
+    # A canvas of tokens (not the one newline of a base-only image, nor the newlines alone of an
+    # image so tall or wide that unpadding leaves its canvas 0 tokens across)
+    if bool(on.any()):
         rows = (canvas < 0).long().cumsum(0) - (canvas < 0).long()  # row of each token: newlines before it
-        on = canvas >= 0
         width = int(on.sum()) // max(int((canvas < 0).sum()), 1)
         cols = torch.arange(canvas.numel()) - (rows * (width + 1))
         grids.append(torch.stack([torch.ones_like(rows[on]), rows[on], cols[on]], 1))

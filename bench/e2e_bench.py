@@ -20,6 +20,13 @@ For one model shape and batch size, in one process on the same prompts, it measu
                 and kv_logical_mib the entries of real tokens (the report's KV bytes)
   ratios        atp / unpruned and atp / fastv of prefill time, and of KV bytes
 
+The three variants are timed interleaved: every rep runs one prefill + decode of each variant,
+in an order that rotates from rep to rep, after --warmup such reps that are not kept. A ratio of
+times (prefill_vs_fastv, prefill_vs_unpruned, decode_vs_unpruned) is the median over the reps of
+the ratio within each rep, with its interquartile range (*_iqr): a slow spell of a shared machine
+slows every variant of a rep alike, so the paired ratio is comparable across runs where the
+times themselves are not.
+
 Presets:
   tiny      the tiny random LLaVA of the tests, bigger decoder (8 layers, d 256), CPU-sized
   llava7b   LLaVA-1.5-7B-shaped random weights: 32 layers, d 4096, m 11008, 32 heads, vocab
@@ -56,7 +63,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -177,17 +185,53 @@ def decode(model, inputs, out, new_tokens: int):
     return nxt
 
 
-def timed(fn, device: torch.device, reps: int, setup=None) -> List[float]:
-    """Milliseconds of ``fn(setup())`` per rep; ``setup`` (untimed) makes its argument."""
-    times = []
-    for _ in range(reps):
-        arg = setup() if setup is not None else None
+def quartiles(values: List[float]) -> Tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (linear interpolation)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_ratio(num: List[float], den: List[float]) -> Dict[str, Any]:
+    """The ratio num[i] / den[i] of each rep i (two variants timed in the same rep): its median,
+    interquartile range and every value."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio: {len(num)} and {len(den)} reps; need the same number, at least one")
+    ratios = [a / b for a, b in zip(num, den)]
+    q1, med, q3 = quartiles(ratios)
+    return {"median": med, "iqr": [q1, q3], "all": ratios}
+
+
+def interleaved(arms: Dict[str, Any], reps: int, warmup: int = 0) -> Dict[str, Dict[str, List[float]]]:
+    """Run every arm once per rep, ``warmup`` reps untimed and then ``reps`` kept, the arms in an
+    order that rotates by one from rep to rep (each arm runs first, second, ... equally often).
+    ``arms``: name -> a callable returning a dict of timings (ms); returns
+    name -> timing -> one value per kept rep, rep i of every arm from the same round."""
+    names = list(arms)
+    out: Dict[str, Dict[str, List[float]]] = {name: {} for name in names}
+    for rep in range(warmup + reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            times = arms[name]()
+            if rep >= warmup:
+                for key, value in times.items():
+                    out[name].setdefault(key, []).append(value)
+    return out
+
+
+def run_once(model, inputs, new_tokens: int, device: torch.device) -> Dict[str, float]:
+    """Milliseconds of one prefill and of ``new_tokens`` greedy decoding steps against its cache."""
+    with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        fn(arg)
+        out = prefill(model, inputs)
         sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        t1 = time.perf_counter()
+        decode(model, inputs, out, new_tokens)
+        sync(device)
+        t2 = time.perf_counter()
+    return {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
 
 
 def cache_bytes(cache) -> int:
@@ -195,6 +239,8 @@ def cache_bytes(cache) -> int:
 
 
 def measure(name: str, model, inputs, args, device) -> Dict[str, Any]:
+    """What is measured of one variant alone: its peak memory, KV bytes and efficiency report
+    (times: ``interleaved``)."""
     with torch.no_grad():
         out = prefill(model, inputs)  # warm-up
         decode(model, inputs, out, min(2, args.new_tokens))
@@ -202,18 +248,11 @@ def measure(name: str, model, inputs, args, device) -> Dict[str, Any]:
         gc.collect()
         with HOST_ALLOCATOR.returning_to_os():
             peak = peak_extra_mib(lambda: decode(model, inputs, prefill(model, inputs), args.new_tokens), device)
-        pre = timed(lambda _: prefill(model, inputs), device, args.reps)
         out = prefill(model, inputs)
         kv = cache_bytes(out.cache)
         report = getattr(model, "atp_report", None)
         del out
-        dec = timed(lambda out: decode(model, inputs, out, args.new_tokens), device, args.reps,
-                    setup=lambda: prefill(model, inputs))
-    pre_ms, dec_ms = statistics.median(pre), statistics.median(dec)
-    batch = inputs["input_ids"].shape[0]
-    row = {"impl": name, "batch": batch, "prefill_ms": pre_ms, "prefill_ms_all": pre, "decode_ms": dec_ms,
-           "decode_ms_all": dec, "decode_tok_s": batch * args.new_tokens / (dec_ms / 1e3),
-           "peak_mib": peak, "kv_mib": kv / 2**20}
+    row = {"impl": name, "batch": inputs["input_ids"].shape[0], "peak_mib": peak, "kv_mib": kv / 2**20}
     if report is not None:
         row["n_bar"] = report.n_bar.mean().item()
         row["kv_logical_mib"] = report.kv_cache_bytes.sum().item() / 2**20
@@ -223,6 +262,26 @@ def measure(name: str, model, inputs, args, device) -> Dict[str, Any]:
         row["kv_logical_mib"] = kv / 2**20
         row["flops_reduction"] = 0.0
     return row
+
+
+def add_times(group: List[Dict[str, Any]], times: Dict[str, Dict[str, List[float]]], new_tokens: int) -> None:
+    """Each row's median times and tokens per second, and its paired ratios to the unpruned
+    model and to FastV (``paired_ratio``)."""
+    for r in group:
+        t = times[r["impl"]]
+        r["prefill_ms"], r["prefill_ms_all"] = statistics.median(t["prefill_ms"]), t["prefill_ms"]
+        r["decode_ms"], r["decode_ms_all"] = statistics.median(t["decode_ms"]), t["decode_ms"]
+        r["decode_tok_s"] = r["batch"] * new_tokens / (r["decode_ms"] / 1e3)
+    unpruned, fastv = times["unpruned"], times["fastv"]
+    for r in group:
+        t = times[r["impl"]]
+        for key, num, den in (("prefill_vs_unpruned", t["prefill_ms"], unpruned["prefill_ms"]),
+                              ("prefill_vs_fastv", t["prefill_ms"], fastv["prefill_ms"]),
+                              # tokens per second: the inverse ratio of decode times
+                              ("decode_vs_unpruned", unpruned["decode_ms"], t["decode_ms"])):
+            ratio = paired_ratio(num, den)
+            r[key], r[key + "_iqr"], r[key + "_all"] = ratio["median"], ratio["iqr"], ratio["all"]
+        r["kv_vs_unpruned"] = r["kv_logical_mib"] / next(g for g in group if g["impl"] == "unpruned")["kv_logical_mib"]
 
 
 def calibrate(model, inputs, target: float, iters: int) -> float:
@@ -248,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--target", type=float, default=144.0, help="ATP's average vision tokens per layer (N_bar)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed reps (each runs every variant once, interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed interleaved reps before the timed ones")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--flash-decode", action="store_true", help="decode on flash-attn in every variant")
@@ -274,7 +334,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv, "preset": args.preset, "num_layers": num_layers, "dtype": str(dtype),
             "atp_layers": atp_layers, "fastv_layer": fastv_layer, "target": args.target,
-            "new_tokens": args.new_tokens, "reps": args.reps, "flash_decode": args.flash_decode}
+            "new_tokens": args.new_tokens, "reps": args.reps,
+            "warmup": args.warmup, "timing": "interleaved", "flash_decode": args.flash_decode}
     print(f"device {head['device']}; torch {head['torch']}, CUDA {head['cuda']}, atp_ops {head['atp_ops']} "
           f"(CUDA kernels: {head['atp_cuda_kernels']}); {head['date_utc']}")
     print(f"command: {' '.join(sys.argv)}")
@@ -294,12 +355,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         group = [measure("unpruned", stock, inputs, args, device), found, measure("fastv", fastv, inputs, args, device)]
         found["theta"] = theta
         group[2]["fastv_keep"] = keep
-        base = {r["impl"]: r for r in group}
-        for r in group:
-            r["prefill_vs_unpruned"] = r["prefill_ms"] / base["unpruned"]["prefill_ms"]
-            r["prefill_vs_fastv"] = r["prefill_ms"] / base["fastv"]["prefill_ms"]
-            r["decode_vs_unpruned"] = r["decode_tok_s"] / base["unpruned"]["decode_tok_s"]
-            r["kv_vs_unpruned"] = r["kv_logical_mib"] / base["unpruned"]["kv_logical_mib"]
+        models = {"unpruned": stock, "atp": atp, "fastv": fastv}
+        times = interleaved({name: partial(run_once, m, inputs, args.new_tokens, device) for name, m in models.items()},
+                            args.reps, args.warmup)
+        add_times(group, times, args.new_tokens)
+        atp_row = group[1]
+        lo, hi = atp_row["prefill_vs_fastv_iqr"]
+        print(f"B={batch}: ATP / FastV prefill {atp_row['prefill_vs_fastv']:.3f} (IQR {lo:.3f}-{hi:.3f}), "
+              f"ATP / unpruned {atp_row['prefill_vs_unpruned']:.3f}; median of {args.reps} interleaved reps")
         rows += group
         del atp, fastv
         gc.collect()

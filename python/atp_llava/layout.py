@@ -8,11 +8,12 @@ each image has its own token count and grids, and per-image tensors are padded t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["VisionLayout", "ImageTokens", "fixed_grid_tokens", "grid_coords", "token_runs", "valid_mask", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
+__all__ = ["VisionLayout", "ImageTokens", "ImageSlot", "fixed_grid_tokens", "grid_coords", "token_runs", "valid_mask", "SeqView", "gather_slots", "padding_bias", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -63,6 +64,27 @@ class ImageTokens:
                    pos=pos, grid=grid, shapes=tuple(tuple(shapes[i]) for i in order), vision=vision)
 
 
+@dataclass
+class ImageSlot:
+    """The images that are their sample's image s (``VisionLayout.slots``), and what every ATP
+    layer of a forward indexes them with.
+
+        images   (I_s,) long: the images (rows of the layout's per-image tensors)
+        samples  (I_s,) long: the sample of each
+        valid    (I_s, N) bool: ``image_valid`` of these images
+        pos      (I_s, N) long: their tokens' sequence positions, 0 past each image's count
+        every_sample  every sample has an image s: ``samples`` is ``arange(B)``
+        all_images    these are all the batch's images: ``images`` is ``arange(I)``
+    """
+
+    images: torch.Tensor
+    samples: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
+    every_sample: bool
+    all_images: bool
+
+
 def grid_coords(shape: Tuple[int, int], index: int = 0, frames: int = 1) -> torch.Tensor:
     """(frames * H * W, 3) long (grid, row, col) of ``frames`` H x W grids, each row-major,
     numbered from ``index``."""
@@ -87,20 +109,33 @@ def fixed_grid_tokens(input_ids: torch.Tensor, valid: torch.Tensor, image_token_
     n_grid = grid[0] * grid[1]
     is_img = (input_ids == image_token_id) & valid
     counts = is_img.sum(1)
-    if bool((counts % n_grid != 0).any()):
+    coords = is_img.nonzero()  # (T, 2), ordered by sample then position; a host sync (T is data)
+    whole = coords.shape[0] % n_grid == 0
+    if whole:
+        num_images = coords.shape[0] // n_grid
+        coords = coords.view(num_images, n_grid, 2)
+        image_pos = coords[:, :, 1]
+        broken = ~((image_pos[:, -1] - image_pos[:, 0] == n_grid - 1)
+                   & (coords[:, :, 0] == coords[:, :1, 0]).all(1)).all()
+        # both checks in one host sync
+        ragged, broken = torch.stack([(counts % n_grid != 0).any(), broken]).tolist()
+    if not whole or ragged:
         raise ValueError(f"VisionLayout: every sample must hold a whole number of images of {n_grid} "
                          f"image tokens each; image-token counts per sample: {counts.tolist()}")
-    coords = is_img.nonzero()  # (T, 2), ordered by sample then position
-    num_images = coords.shape[0] // n_grid
-    coords = coords.view(num_images, n_grid, 2)
-    image_pos = coords[:, :, 1]
-    contiguous = (image_pos[:, -1] - image_pos[:, 0] == n_grid - 1) & (coords[:, :, 0] == coords[:, :1, 0]).all(1)
-    if not bool(contiguous.all()):
+    if broken:
         raise ValueError("VisionLayout: image tokens must come in contiguous runs of "
                          f"{n_grid} per image (the vision-token grid)")
-    rc = grid_coords(grid).to(input_ids.device)
+    rc = _grid_coords_on(tuple(grid), input_ids.device)
     return ImageTokens(sample=coords[:, 0, 0], pos=image_pos, grid=rc.expand(num_images, n_grid, 3),
                        shapes=((tuple(grid),),) * num_images, vision=input_ids == image_token_id)
+
+
+@lru_cache(maxsize=32)
+def _grid_coords_on(grid: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``grid_coords(grid)`` on ``device``, made once per (grid, device): every forward of a
+    fixed-grid family asks for it (callers only read it)."""
+    with torch.inference_mode(False):  # a plain tensor even if first asked for under inference_mode
+        return grid_coords(grid).to(device)
 
 
 def _as_grid(grid: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -157,6 +192,23 @@ class VisionLayout:
     def max_slots(self) -> int:
         return len(self.slot_images)
 
+    @cached_property
+    def slots(self) -> Tuple[ImageSlot, ...]:
+        """One ``ImageSlot`` per image slot (``slot_images``), made at the first use in a
+        forward and shared by its ATP layers."""
+        pos = self.image_pos.clamp_min(0)
+        out = []
+        for idx in self.slot_images:
+            all_images = idx.shape[0] == self.num_images
+            # images are ordered by sample and a sample has one image s at most, so B of them
+            # are one per sample, in order
+            every_sample = idx.shape[0] == self.batch
+            out.append(ImageSlot(
+                images=idx, samples=self.image_sample if all_images else self.image_sample[idx],
+                valid=self.image_valid if all_images else self.image_valid[idx],
+                pos=pos if all_images else pos[idx], every_sample=every_sample, all_images=all_images))
+        return tuple(out)
+
     @property
     def vision_tokens(self) -> torch.Tensor:
         """(B,) long: vision tokens of every sample (all its images, structural ones excluded)."""
@@ -197,21 +249,31 @@ class VisionLayout:
         image_sample, image_pos = tokens.sample.to(device), tokens.pos.to(device)
         num_images = image_sample.shape[0]
         image_valid = image_pos >= 0
-        if num_images and bool((~valid[image_sample[:, None].expand_as(image_pos)[image_valid],
-                                       image_pos[image_valid]]).any()):
+        # (without a padding mask every position is real: nothing to check)
+        if num_images and attention_mask is not None and bool(
+                (~valid[image_sample[:, None].expand_as(image_pos)[image_valid], image_pos[image_valid]]).any()):
             raise ValueError("VisionLayout: an image token lies on a padding position")
         images_per_sample = torch.zeros(b, dtype=torch.long, device=device).index_add(
             0, image_sample, torch.ones_like(image_sample))
         first = torch.zeros(b + 1, dtype=torch.long, device=device)
         first[1:] = images_per_sample.cumsum(0)
         image_slot = torch.arange(num_images, device=device) - first[image_sample]
+        # a host sync: the number of slots, and of images in each, are data
         max_slots = int(images_per_sample.max()) if num_images else 0
-        slot_images = tuple((image_slot == s).nonzero().squeeze(1) for s in range(max_slots))
+        if max_slots == 1 and num_images == b:  # one image per sample
+            slot_images: Tuple[torch.Tensor, ...] = (torch.arange(num_images, device=device),)
+        else:
+            slot_images = tuple((image_slot == s).nonzero().squeeze(1) for s in range(max_slots))
         token_grid = tokens.grid.to(device)
         token_shape = torch.ones(num_images, image_pos.shape[1], 2, dtype=torch.long, device=device)
-        for i, shapes in enumerate(tokens.shapes):
-            table = torch.tensor(shapes, dtype=torch.long, device=device)
-            token_shape[i][image_valid[i]] = table[token_grid[i, image_valid[i], 0]]
+        if num_images:
+            # every image's table of grid shapes, padded to the most grids: (I, G, 2)
+            most = max(len(shapes) for shapes in tokens.shapes)
+            table = torch.tensor([list(shapes) + [(1, 1)] * (most - len(shapes)) for shapes in tokens.shapes],
+                                 dtype=torch.long, device=device)
+            index = torch.where(image_valid, token_grid[..., 0], 0)
+            token_shape = torch.where(image_valid[..., None],
+                                      table.gather(1, index[..., None].expand(-1, -1, 2)), token_shape)
 
         text = valid & ~tokens.vision.to(device)
         if labels is not None:

@@ -121,6 +121,8 @@ def drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
     view = state.view
     bias = state.current_bias if view is None else gather_slots(state.current_bias, view.orig, float("-inf"))
     keep = torch.isfinite(bias)
+    # A host sync: whether anything left decides whether the layers' inputs move (and
+    # SeqView.keep syncs once more for the new length); both are shapes that depend on data.
     if view is not None and torch.equal(keep, view.valid):
         state.current_bias = bias
         return hidden
@@ -137,26 +139,39 @@ def image_scores(lay: VisionLayout, view: Optional[SeqView], q, k, lse, bias_use
     on). ``cross_rows`` (I, L): the rows of S_cross, in original positions."""
     b, lc = q.shape[0], q.shape[2]
     n_img, n = lay.image_pos.shape
-    s_self = prev_img_bias.new_zeros(n_img, n)
-    s_cross = prev_img_bias.new_zeros(n_img, n)
+    s_self = s_cross = None
     w_img = prev_img_bias.exp()  # Eq. 3 rows weighted by their current soft mask (§3.2)
-    for idx in lay.slot_images:
-        rows = lay.image_sample[idx]
+    for slot in lay.slots:
+        # Per-sample tensors of the slot's images: (I_s, ...) where the slot has an image in
+        # every sample, else scattered into zero rows of (B, ...) (samples without one weigh 0).
+        def rows_of(x: torch.Tensor) -> torch.Tensor:
+            return x if slot.every_sample else x[slot.samples]
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:
+            return x if slot.every_sample else x.new_zeros((b,) + x.shape[1:]).index_copy_(0, slot.samples, x)
+
+        def images_of(x: torch.Tensor) -> torch.Tensor:
+            return x if slot.all_images else x[slot.images]
+
         # the image's tokens in the slots (lc: gone or past the image's count, a spare
         # column that is dropped)
-        valid = lay.image_valid[idx]
-        pos = lay.image_pos[idx].clamp_min(0)
-        if view is not None:
-            pos = view.inv[rows[:, None], pos]
-        pos = torch.where(valid, pos, lc)
-        w_self = lse.new_zeros(b, lc + 1, dtype=torch.float32)
-        w_self[rows[:, None].expand(-1, n), pos] = w_img[idx]
-        w_cross = lse.new_zeros(b, lc, dtype=torch.float32)
-        w_cross[rows] = (cross_rows[idx] if view is None else gather_slots(cross_rows[idx], view.orig[rows], False)).float()
-        ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, w_self[:, :lc].contiguous(), w_cross,
+        pos = slot.pos if view is None else rows_of(view.inv).gather(1, slot.pos)
+        pos = torch.where(slot.valid, pos, lc)
+        w_self = lse.new_zeros(pos.shape[0], lc + 1, dtype=torch.float32).scatter_(
+            1, pos, images_of(w_img).to(torch.float32))
+        rows = images_of(cross_rows)
+        w_cross = per_sample((rows if view is None else gather_slots(rows, rows_of(view.orig), False)).float())
+        ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, per_sample(w_self)[:, :lc].contiguous(), w_cross,
                                     causal=causal, scale=scale)
-        s_self[idx] = torch.nn.functional.pad(ss, (0, 1))[rows[:, None], pos].float()
-        s_cross[idx] = torch.nn.functional.pad(sc, (0, 1))[rows[:, None], pos].float()
+        ss = rows_of(torch.nn.functional.pad(ss, (0, 1))).gather(1, pos).float()
+        sc = rows_of(torch.nn.functional.pad(sc, (0, 1))).gather(1, pos).float()
+        if slot.all_images:
+            s_self, s_cross = ss.to(prev_img_bias.dtype), sc.to(prev_img_bias.dtype)
+        else:
+            if s_self is None:
+                s_self, s_cross = prev_img_bias.new_zeros(n_img, n), prev_img_bias.new_zeros(n_img, n)
+            s_self[slot.images] = ss
+            s_cross[slot.images] = sc
     return s_self, s_cross
 
 

@@ -88,6 +88,7 @@ def atp_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, 
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
+    # A host sync, once per forward: an unpadded batch runs without a key bias (as the stock masks do)
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask

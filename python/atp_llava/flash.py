@@ -59,8 +59,10 @@ def decode_kernel(model: nn.Module, head_dim: int, wanted: Optional[bool]) -> Op
     ATPConfig.flash_decode), else None."""
     if wanted is False:
         return None
-    fn = kernel()
     param = model.lm_head.weight if hasattr(model, "lm_head") else next(model.parameters())
+    if wanted is None and unusable(param.device, param.dtype, head_dim) is not None:
+        return None  # without importing flash_attn: a failed import costs every pruned prefill ~1 ms
+    fn = kernel()
     why = ("flash-attn 2.6 or newer is not installed (pip install .[flash])" if fn is None
            else unusable(param.device, param.dtype, head_dim))
     if why is None:

@@ -38,11 +38,11 @@ def test_every_stride_samples_a_lattice_with_a_token_in_every_whole_cell_of_any_
         assert int((mine > 0).sum()) == len(rows) * len(cols)
         assert torch.equal(mine[mine > 0], torch.full((len(rows) * len(cols),), 1.0 - lam / (s * s)))
         for idx, side in ((rows, h), (cols, w)):
-            # one token in each whole s-wide cell, at most one in each cell, and at least one
-            # along a side shorter than the stride (its own centre)
+            # one token in each whole s-wide cell, at most one in each cell, and one along a
+            # side that ends before the cell's centre (its last token)
             assert max(1, side // s) <= len(idx) <= -(-side // s), (s, side, idx)
             assert (idx.diff() == s).all()
-            assert int(idx[0]) == ((s - 1) // 2 if side >= s else (side - 1) // 2)
+            assert int(idx[0]) == min((s - 1) // 2, side - 1)
         # the full map keeps each token's highest level
         assert (full >= mine).all()
 

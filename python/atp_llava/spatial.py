@@ -22,9 +22,9 @@ def spatial_score(grid: Tuple[int, int], lambda_sample: float,
     Uniform sampling at stride s keeps one token per s x s cell: the cell's centre
     (offset ``(s - 1) // 2`` in each direction), sampling rate R = 1 / s^2. A sampled token scores
     ``1 - R * lambda_sample`` (Eq. 5); a token sampled by several strides keeps its highest
-    score; a token sampled by none scores 0. Along a side shorter than the stride (a thin image:
-    2 x 40 tokens, stride 5) the one cell is cut by the edge and its centre is the side's own,
-    ``(side - 1) // 2``: every stride keeps a token per cell along the long side.
+    score; a token sampled by none scores 0. Along a side that ends before the cell's centre (a
+    thin image: 1 x 40 tokens, stride 5) the cell is cut by the edge and the side's last token
+    stands for its centre: every stride keeps a token per cell along the long side.
     """
     h, w = grid
     if h < 1 or w < 1:
@@ -38,8 +38,8 @@ def spatial_score(grid: Tuple[int, int], lambda_sample: float,
         if not 0.0 < value <= 1.0 or not math.isfinite(value):
             raise ValueError(f"spatial_score: stride {s} gives score {value:.3f} outside (0, 1] "
                              f"with lambda_sample={lambda_sample}")
-        rows = torch.arange(min((s - 1) // 2, (h - 1) // 2), h, s)
-        cols = torch.arange(min((s - 1) // 2, (w - 1) // 2), w, s)
+        rows = torch.arange(min((s - 1) // 2, h - 1), h, s)
+        cols = torch.arange(min((s - 1) // 2, w - 1), w, s)
         cell = score[rows[:, None], cols[None, :]]
         score[rows[:, None], cols[None, :]] = torch.clamp_min(cell, value)
     return score.reshape(-1)

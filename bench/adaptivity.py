@@ -80,11 +80,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import atp_ops  # noqa: E402
 from atp_llava import ATPConfig, apply_atp  # noqa: E402
-from atp_llava.data import collate  # noqa: E402
-from atp_llava.layout import IGNORE_INDEX  # noqa: E402
-from atp_llava.optim import param_groups  # noqa: E402
-from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
-from atp_llava.tiny import tiny_llava  # noqa: E402
+from atp_llava.core.layout import IGNORE_INDEX  # noqa: E402
+from atp_llava.core.optim import param_groups  # noqa: E402
+from atp_llava.core.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
+from atp_llava.tools.data import collate  # noqa: E402
+from atp_llava.tools.tiny import tiny_llava  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ABLATIONS = {  # arm -> the ATPConfig fields changed: back to the paper's choice, or another option
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--lr-warmup", type=float, default=1e-3)
     p.add_argument("--lr-lm", type=float, default=2e-4)
-    p.add_argument("--lr-atp", type=float, default=None, help="default: atp_llava.optim.DEFAULT_LR_ATP")
+    p.add_argument("--lr-atp", type=float, default=None, help="default: atp_llava.core.optim.DEFAULT_LR_ATP")
     p.add_argument("--frozen-lm", action="store_true",
                    help="train the ATP modules alone (ATPConfig.train_lm False, the package default): the "
                         "unpruned, fixed, random and FastV arms are evaluated as warmed up")
@@ -546,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else warmup
     args.arm_steps = args.arm_steps if args.arm_steps is not None else arm_steps
     if args.lr_atp is None:
-        from atp_llava.optim import DEFAULT_LR_ATP
+        from atp_llava.core.optim import DEFAULT_LR_ATP
 
         args.lr_atp = DEFAULT_LR_ATP
     if args.quick:

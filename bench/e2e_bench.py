@@ -74,11 +74,11 @@ from kernel_bench import HOST_ALLOCATOR, device_name, peak_extra_mib  # noqa: E4
 
 import atp_ops  # noqa: E402
 from atp_llava import ATPConfig, VisionLayout, apply_atp  # noqa: E402
-from atp_llava.layout import valid_mask  # noqa: E402
+from atp_llava.core.layout import valid_mask  # noqa: E402
 from atp_llava.models import adapter_for  # noqa: E402
-from atp_llava.tiny import family_batch  # noqa: E402
+from atp_llava.tools.tiny import family_batch  # noqa: E402
 
-# image: the batch's one image per prompt, as atp_llava.tiny.family_batch takes it
+# image: the batch's one image per prompt, as atp_llava.tools.tiny.family_batch takes it
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(family="llava", hidden=256, ffn=688, layers=8, heads=8, kv_heads=8, vocab=128,
                  atp_layers=(2, 4, 6), fastv_layer=2, text=(35, 64), tile=48, patch=2, image=None, dtype="float32"),

@@ -1,5 +1,5 @@
 """Two training steps, eval with real pruning, generate() and save_atp of a tiny ATP-LLaVA under
-FSDP2 (atp_llava.fsdp.shard_fsdp2), for tests/test_llava_fsdp.py:
+FSDP2 (atp_llava.tools.fsdp.shard_fsdp2), for tests/test_llava_fsdp.py:
 ``torchrun --standalone --nproc-per-node 2 tests/fsdp_worker.py OUT_DIR``.
 
 Rank r trains on examples (2r, 2r + 1) of each step's batch (fsdp_batches): rank 1's first
@@ -19,9 +19,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
-from atp_llava.data import SyntheticDataset, collate  # noqa: E402
-from atp_llava.fsdp import shard_fsdp2  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.tools.data import SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.fsdp import shard_fsdp2  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 from trainer_worker import without_image  # noqa: E402  (beside this file)
 
 # eval prunes most tokens; the budget weight takes a step after every optimizer step

@@ -1,4 +1,4 @@
-"""The ATP step (atp_llava.step, DESIGN §3.2-3.4) called on a state built here: a one-sample
+"""The ATP step (atp_llava.core.step, DESIGN §3.2-3.4) called on a state built here: a one-sample
 VisionLayout of one 2 x 3 image, a hand-made capture of the score layer, the ATP modules, and no
 model and no hooks.
 
@@ -19,11 +19,11 @@ import torch
 pytest.importorskip("transformers")
 
 import atp_ops  # noqa: E402
-from atp_llava.config import ATPConfig  # noqa: E402
-from atp_llava.layout import VisionLayout  # noqa: E402
-from atp_llava.modules import ATPModules  # noqa: E402
-from atp_llava.state import ATPState  # noqa: E402
-from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL, atp_step  # noqa: E402
+from atp_llava.core.config import ATPConfig  # noqa: E402
+from atp_llava.core.layout import VisionLayout  # noqa: E402
+from atp_llava.core.modules import ATPModules  # noqa: E402
+from atp_llava.core.state import ATPState  # noqa: E402
+from atp_llava.core.step import KEEP_REDUNDANT, KEEP_SPATIAL, atp_step  # noqa: E402
 
 IMG = 7
 INPUT_IDS = torch.tensor([[1, 2, IMG, IMG, IMG, IMG, IMG, IMG, 3, 4, 5]])  # text 0-1, image 2-7, text 8-10

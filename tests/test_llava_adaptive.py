@@ -16,11 +16,11 @@ pytest.importorskip("safetensors")
 
 import atp_ops  # noqa: E402
 from atp_llava import ATPConfig, apply_atp, load_atp, read_atp_config, save_atp  # noqa: E402
-from atp_llava.data import SyntheticDataset, collate  # noqa: E402
-from atp_llava.losses import min_reachable_tokens, target_loss  # noqa: E402
-from atp_llava.modules import ThresholdMLP  # noqa: E402
-from atp_llava.optim import DEFAULT_LR_ATP, param_groups  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.core.losses import min_reachable_tokens, target_loss  # noqa: E402
+from atp_llava.core.modules import ThresholdMLP  # noqa: E402
+from atp_llava.core.optim import DEFAULT_LR_ATP, param_groups  # noqa: E402
+from atp_llava.tools.data import SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 
 from test_llava_training import N_GRID, make_batch  # noqa: E402
 

@@ -14,13 +14,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from atp_llava import ATPConfig, apply_atp, load_atp, save_atp  # noqa: E402
-from atp_llava.data import SyntheticDataset, collate  # noqa: E402
-from atp_llava.losses import adapt_budget_weight, budget_error, target_loss  # noqa: E402
-from atp_llava.modules import ThresholdMLP, bounded_logit  # noqa: E402
-from atp_llava.optim import param_groups  # noqa: E402
-from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
-from atp_llava.spatial import spatial_score  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.core.losses import adapt_budget_weight, budget_error, target_loss  # noqa: E402
+from atp_llava.core.modules import ThresholdMLP, bounded_logit  # noqa: E402
+from atp_llava.core.optim import param_groups  # noqa: E402
+from atp_llava.core.spatial import spatial_score  # noqa: E402
+from atp_llava.core.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
+from atp_llava.tools.data import SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 
 from test_llava_adaptive import batch2, stock  # noqa: E402,F401 (the fixtures: a tiny LLaVA, a 2-sample batch)
 from test_llava_training import N_GRID  # noqa: E402
@@ -344,7 +344,7 @@ def test_random_mode_never_keeps_a_padding_slot_or_a_structural_token():
     """Ragged images (Qwen2-VL: 24 and 16 tokens, padded to 24 per image slot): the draws keep
     min(k, the image's tokens) of each image's own tokens, never a slot past its count, and the
     pruned forward keeps every text and vision_start / vision_end token."""
-    from atp_llava.tiny import QWEN_END, QWEN_START, family_batch, tiny_qwen2_vl
+    from atp_llava.tools.tiny import QWEN_END, QWEN_START, family_batch, tiny_qwen2_vl
 
     model = tiny_qwen2_vl(4)
     batch = family_batch(model, [[(1, 8, 12)], [(1, 8, 8)]], seed=0)

@@ -15,8 +15,8 @@ pytest.importorskip("safetensors")
 
 import fsdp_worker as worker  # noqa: E402
 from atp_llava import ATPConfig, apply_atp, load_atp  # noqa: E402
-from atp_llava.losses import adapt_budget_weight, budget_error  # noqa: E402
-from atp_llava.tiny import tiny_llava  # noqa: E402
+from atp_llava.core.losses import adapt_budget_weight, budget_error  # noqa: E402
+from atp_llava.tools.tiny import tiny_llava  # noqa: E402
 
 
 @pytest.fixture(scope="module")

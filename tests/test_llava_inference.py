@@ -18,9 +18,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from atp_llava import ATPConfig, apply_atp, flash, get_atp_controller  # noqa: E402
-from atp_llava.efficiency import layer_flops  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
+from atp_llava import ATPConfig, apply_atp, get_atp_controller  # noqa: E402
+from atp_llava.core import flash  # noqa: E402
+from atp_llava.core.efficiency import layer_flops  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
 
 from test_llava_training import KEEP_ALL, N_GRID, make_batch  # noqa: E402
 

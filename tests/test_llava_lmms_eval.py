@@ -24,9 +24,9 @@ pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
-from atp_llava.data import CLIP_MEAN, CLIP_STD, _preprocess, load_image  # noqa: E402
 from atp_llava.lmms_eval_model import CLASS_PATH, ENTRY_POINT, MODEL_ID, ATPLlava, lmms_eval_manifest  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.tools.data import CLIP_MEAN, CLIP_STD, _preprocess, load_image  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GRID = 576

@@ -20,8 +20,8 @@ pytest.importorskip("safetensors")
 
 from atp_llava import (DEFAULT_LR_ATP, DEFAULT_LR_LM, ATPConfig, apply_atp, load_atp, param_groups,  # noqa: E402
                        read_atp_config, remove_atp, save_atp)
-from atp_llava.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
+from atp_llava.tools.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, tiny_llava  # noqa: E402
 from atp_llava.train import ATP_FILE, build_parser, config_from_args, evaluate, main, train  # noqa: E402
 
 N_GRID = 576
@@ -95,7 +95,7 @@ def test_int_list_is_the_one_parser_of_integer_lists(capsys):
     lmms-eval's model_args lists; "" means the option is not given."""
     import argparse
 
-    from atp_llava.cli import add_model_args, int_list
+    from atp_llava.tools.cli import add_model_args, int_list
 
     for text, want in [("1,2,3", (1, 2, 3)), ("7", (7,)), (" 4, 14 ,24 ", (4, 14, 24)), ("1,2,", (1, 2)),
                        ("[1,2,3]", (1, 2, 3)), ("1:2:3", (1, 2, 3)), ("1 2 3", (1, 2, 3)), ("-5,0", (-5, 0)),
@@ -124,7 +124,7 @@ def test_load_model_is_the_one_loader(tmp_path, capsys):
     turns the tools' options into its ``atp`` and refuses what cannot mean anything."""
     import argparse
 
-    from atp_llava.cli import add_model_args, check_model_args, load_model, model_atp
+    from atp_llava.tools.cli import add_model_args, check_model_args, load_model, model_atp
 
     model = load_model(tiny=True, tiny_layers=2, tiny_image_size=24, seed=3, dtype="float64",
                        atp=ATPConfig(init_threshold=0.4), device="cpu")
@@ -374,7 +374,7 @@ def test_encode_prompt_places_images_as_training_and_the_tools_expect(tmp_path):
     """data.encode_prompt, the one prompt encoding (RecordsDataset, visualize, the lmms-eval plugin):
     bos, the template's text around the prompt, n_grid image tokens per image at the prompt's own
     <image> placeholders, the rest at the template's {image}."""
-    from atp_llava.data import LLAVA_TEMPLATE, encode_prompt
+    from atp_llava.tools.data import LLAVA_TEMPLATE, encode_prompt
 
     def enc(prompt, images, template=LLAVA_TEMPLATE, bos=1):
         tok = _WordTokenizer(bos)

@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from atp_llava import ATPConfig, apply_atp  # noqa: E402
-from atp_llava.losses import SAMPLES_IN_BATCH, target_loss  # noqa: E402
-from atp_llava.tiny import tiny_llava  # noqa: E402
+from atp_llava.core.losses import SAMPLES_IN_BATCH, target_loss  # noqa: E402
+from atp_llava.tools.tiny import tiny_llava  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer_worker.py")
 TARGET = 200  # trainer_worker.CONFIG's target_tokens
@@ -158,7 +158,7 @@ def test_deepspeed_zero3_two_ranks_match_the_whole_batch(tmp_path, monkeypatch):
     import trainer_worker
 
     from atp_llava import load_atp
-    from atp_llava.data import collate
+    from atp_llava.tools.data import collate
 
     fresh = load_atp(tiny_llava(4, seed=0), tmp_path / "zero3_atp.safetensors").eval()
     for n, p in fresh.named_parameters():

@@ -21,8 +21,8 @@ pytest.importorskip("safetensors")
 
 from atp_llava import (ATPConfig, VisionLayout, apply_atp, check_transformers_version, load_atp,  # noqa: E402
                        read_atp_config, save_atp, spatial_score)
-from atp_llava.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.tools.data import RecordsDataset, SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 
 N_GRID = 576
 KEEP_ALL = (-5.0, -5.0)  # theta below every score: log-sigmoid((s + 5) * 10) == 0 in float32
@@ -268,16 +268,16 @@ def test_score_grad_trains_the_score_layers_queries_and_keys_and_nothing_else_ch
 
 @pytest.mark.parametrize("train_lm,score_grad", [(False, False), (True, False), (True, True)])
 def test_gradient_checkpointing_gives_the_same_gradients(batch3, train_lm, score_grad, monkeypatch):
-    import atp_llava.attention
+    import atp_llava.core.attention
 
     calls = []
-    attention = atp_llava.attention.atp_ops.atp_attention
+    attention = atp_llava.core.attention.atp_ops.atp_attention
 
     def counting_attention(*args, **kwargs):
         calls.append(1)
         return attention(*args, **kwargs)
 
-    monkeypatch.setattr(atp_llava.attention.atp_ops, "atp_attention", counting_attention)
+    monkeypatch.setattr(atp_llava.core.attention.atp_ops, "atp_attention", counting_attention)
 
     def run(ckpt):
         model = apply_atp(tiny_llava(4), ATPConfig(layers=(1, 2, 3), target_tokens=100, train_lm=train_lm,
@@ -343,7 +343,7 @@ def test_fixed_ratio_mode_masks_exact_top_k(batch3):
     # the same scores decide: fixed mode keeps the top-k of the redundant score among kept tokens
     ranked = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3])
     kept = torch.tensor([True, True, True, False, True])
-    from atp_llava.step import top_k
+    from atp_llava.core.step import top_k
     keep = top_k(ranked[None], kept[None], 2)
     assert keep[0].tolist() == [False, True, True, False, False]
 

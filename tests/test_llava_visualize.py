@@ -17,9 +17,9 @@ import torch
 pytest.importorskip("transformers")
 
 from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
-from atp_llava.data import CLIP_MEAN, CLIP_STD  # noqa: E402
-from atp_llava.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.core.step import KEEP_REDUNDANT, KEEP_SPATIAL  # noqa: E402
+from atp_llava.tools.data import CLIP_MEAN, CLIP_STD  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 from atp_llava.visualize import (GUTTER, GUTTER_COLOUR, NEUTRAL_COLOUR, PALETTE, denormalize, main,  # noqa: E402
                                  read_png, render_pruning, visualize_pruning, write_png)
 

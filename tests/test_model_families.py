@@ -4,7 +4,7 @@ shrunk canvas, one tile per image of a multi-image sample, pooled video frames),
 Qwen2.5-VL (dynamic grids, video, M-RoPE), Qwen3-VL (the same with deepstack), InternVL
 (images of several tiles). LLaVA-1.5 has its own test files (test_llava_*.py).
 
-Tiny random models of each family (atp_llava.tiny) in float64, so that two paths that compute
+Tiny random models of each family (atp_llava.tools.tiny) in float64, so that two paths that compute
 the same thing in a different order cannot take different pruning decisions by rounding. Every
 batch holds images of different sizes (ragged token counts and grids).
 """
@@ -18,9 +18,9 @@ import torch
 pytest.importorskip("transformers")
 
 from atp_llava import ATPConfig, VisionLayout, apply_atp, get_atp_controller  # noqa: E402
-from atp_llava.efficiency import layer_flops  # noqa: E402
-from atp_llava.layout import valid_mask  # noqa: E402
-from atp_llava.tiny import (ONEVISION_VIDEO, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, TINY_FAMILIES, TINY_IMAGE_TOKEN,  # noqa: E402
+from atp_llava.core.efficiency import layer_flops  # noqa: E402
+from atp_llava.core.layout import valid_mask  # noqa: E402
+from atp_llava.tools.tiny import (ONEVISION_VIDEO, QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, TINY_FAMILIES, TINY_IMAGE_TOKEN,  # noqa: E402
                             family_batch)
 from test_llava_inference import pruned_and_masked  # noqa: E402
 from test_llava_training import train_atp  # noqa: E402

@@ -19,7 +19,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from atp_llava import ATPConfig, apply_atp, load_atp, read_atp_config  # noqa: E402
-from atp_llava.tiny import tiny_llava  # noqa: E402
+from atp_llava.tools.tiny import tiny_llava  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 IMAGE_SIZE = 16  # as make_saved_atp.py built the model

@@ -23,8 +23,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from atp_llava import ATPConfig, apply_atp, save_atp  # noqa: E402
 from atp_llava.io import _gathered  # noqa: E402
-from atp_llava.data import SyntheticDataset, collate  # noqa: E402
-from atp_llava.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
+from atp_llava.tools.data import SyntheticDataset, collate  # noqa: E402
+from atp_llava.tools.tiny import TINY_IMAGE_TOKEN, TINY_VOCAB, tiny_llava  # noqa: E402
 from atp_llava.trainer import ZERO3_CONFIG, ATPCallback, ATPTrainer  # noqa: E402
 
 N_GRID = 576

@@ -3,19 +3,18 @@
     from atp_llava import ATPConfig, apply_atp
     model = apply_atp(llava_model, ATPConfig(layers=(4, 14, 24), target_tokens=144))
 """
-from .attention import ATTN_IMPLEMENTATION
-from .config import ATPConfig
-from .efficiency import ATPReport, layer_flops, run_cost
-from .fsdp import shard_fsdp2
+from .core.attention import ATTN_IMPLEMENTATION
+from .core.config import ATPConfig
+from .core.efficiency import ATPReport, layer_flops, run_cost
+from .core.layout import SeqView, VisionLayout
+from .core.losses import atp_losses, tokens_per_layer
+from .core.modules import ATPModules, ThresholdMLP
+from .core.optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
+from .core.rope2d import positions_3d, rope_2d_cos_sin
+from .core.spatial import default_strides, spatial_score
+from .core.step import KEEP_REDUNDANT, KEEP_SPATIAL
 from .io import load_atp, read_atp_config, save_atp
-from .layout import SeqView, VisionLayout
-from .losses import atp_losses, tokens_per_layer
-from .modules import ATPModules, ThresholdMLP
-from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
 from .patch import SUPPORTED_TRANSFORMERS, apply_atp, check_transformers_version, get_atp_controller, remove_atp
-from .rope2d import positions_3d, rope_2d_cos_sin
-from .spatial import default_strides, spatial_score
-from .step import KEEP_REDUNDANT, KEEP_SPATIAL
 
 __all__ = [
     "ATPConfig",
@@ -53,9 +52,10 @@ __all__ = [
 ]
 
 # visualize.py is also a script (python -m atp_llava.visualize); importing
-# it with the package would make runpy warn, so its names load on first use.
+# it with the package would make runpy warn, so its names load on first use. shard_fsdp2 is a
+# tool (tools/fsdp.py), and the package's import never reaches the tools.
 _LAZY = {"visualize_pruning": "visualize", "render_pruning": "visualize",
-         "write_png": "visualize"}
+         "write_png": "visualize", "shard_fsdp2": "tools.fsdp"}
 
 
 def __getattr__(name):

@@ -16,8 +16,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import ATPConfig
-from .distributed import is_rank0
+from .core.config import ATPConfig
+from .core.distributed import is_rank0
 
 __all__ = ["save_atp", "load_atp", "read_atp_config"]
 

@@ -55,8 +55,8 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
-from .cli import int_list, list_items, load_model, model_atp
-from .data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, encode_prompt, load_image
+from .tools.cli import int_list, list_items, load_model, model_atp
+from .tools.data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, encode_prompt, load_image
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
 

@@ -50,19 +50,19 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import flash
-from .attention import ATTN_IMPLEMENTATION, register_attention
-from .config import ATPConfig
-from .distributed import is_distributed
-from .efficiency import ATPReport, kv_bytes_per_token
-from .layout import VisionLayout, gather_slots, padding_bias, valid_mask
-from .losses import SAMPLES_IN_BATCH, budget_share, min_reachable_tokens
+from .core import flash
+from .core.attention import ATTN_IMPLEMENTATION, register_attention
+from .core.config import ATPConfig
+from .core.distributed import is_distributed
+from .core.efficiency import ATPReport, kv_bytes_per_token
+from .core.layout import VisionLayout, gather_slots, padding_bias, valid_mask
+from .core.losses import SAMPLES_IN_BATCH, budget_share, min_reachable_tokens
+from .core.modules import ATPModules
+from .core.rope2d import default_section, positions_3d, rope_2d_cos_sin
+from .core.state import ATPHandle, ATPState, CacheState, DecodeState, state_of
+from .core.stats import BudgetWindow, element_bytes, forward_stats, with_atp_fields
+from .core.step import atp_step
 from .models import ModelAdapter, adapter_for
-from .modules import ATPModules
-from .rope2d import default_section, positions_3d, rope_2d_cos_sin
-from .state import ATPHandle, ATPState, CacheState, DecodeState, state_of
-from .stats import BudgetWindow, element_bytes, forward_stats, with_atp_fields
-from .step import atp_step
 
 
 __all__ = ["apply_atp", "remove_atp", "get_atp_controller", "ATPController", "SUPPORTED_TRANSFORMERS",

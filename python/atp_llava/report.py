@@ -1,5 +1,5 @@
 """Command line: the efficiency report of one ATP-LLaVA call (paper Table 6 columns, Eq. 15-16,
-DESIGN §3.7) on synthetic prompts. The report itself is ``atp_llava.efficiency.ATPReport``, which
+DESIGN §3.7) on synthetic prompts. The report itself is ``atp_llava.core.efficiency.ATPReport``, which
 ``model.atp_report`` holds after every forward and every ``generate()``.
 
     python -m atp_llava.report --tiny --theta 0.5 0.5 --new-tokens 8
@@ -14,13 +14,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .efficiency import ATPReport
+from .core.efficiency import ATPReport
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
+    from .tools.cli import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m atp_llava.report", description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> ATPReport:
     """Command line entry point: one call of the model on synthetic prompts; prints and returns
     its report."""
-    from .cli import check_model_args, model_from_args, synthetic_prompts
+    from .tools.cli import check_model_args, model_from_args, synthetic_prompts
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -36,15 +36,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .cli import int_list, load_model
-from .config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
-from .data import RecordsDataset, SyntheticDataset, collate
+from .core.config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
+from .core.distributed import is_rank0
+from .core.layout import IGNORE_INDEX
+from .core.optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
 from .io import save_atp
-from .layout import IGNORE_INDEX
-from .optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
-from .distributed import is_rank0
-from .fsdp import shard_fsdp2
 from .patch import get_atp_controller
+from .tools.cli import int_list, load_model
+from .tools.data import RecordsDataset, SyntheticDataset, collate
+from .tools.fsdp import shard_fsdp2
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
 

@@ -10,10 +10,10 @@ ATP and LM learning rates, and the budget statistics in Trainer's logs.
 
 * counts the samples with an image in every accumulated batch (all gradient-accumulation steps of
   one optimizer step, all processes) and passes the count to the model, which weights each
-  forward's budget term by its share of them (``atp_llava.losses``, "Normalisation"): with
+  forward's budget term by its share of them (``atp_llava.core.losses``, "Normalisation"): with
   gradient accumulation N and world size W the gradients are those of one process on the whole
   batch, as Trainer's ``num_items_in_batch`` makes them for the next-token loss;
-* builds the optimizer from ``atp_llava.optim.param_groups``: the ATP modules at ``lr_atp``, the
+* builds the optimizer from ``atp_llava.core.optim.param_groups``: the ATP modules at ``lr_atp``, the
   LM (``ATPConfig.train_lm``) at ``TrainingArguments.learning_rate``; Trainer's optimizer choice
   (``optim``, its kwargs) and scheduler apply to both groups;
 * logs ATP's statistics with Trainer's own loss (``ATPCallback``, placed before the reporting
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .losses import SAMPLES_IN_BATCH
-from .optim import DEFAULT_LR_ATP, param_groups
+from .core.losses import SAMPLES_IN_BATCH
+from .core.optim import DEFAULT_LR_ATP, param_groups
 
 __all__ = ["ATPTrainer", "ATPCallback", "ZERO3_CONFIG"]
 

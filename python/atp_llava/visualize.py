@@ -31,9 +31,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .data import CLIP_MEAN, CLIP_STD, _preprocess, encode_prompt, load_image
+from .core.step import KEEP_REDUNDANT, KEEP_SPATIAL
 from .patch import get_atp_controller
-from .step import KEEP_REDUNDANT, KEEP_SPATIAL
+from .tools.data import CLIP_MEAN, CLIP_STD, _preprocess, encode_prompt, load_image
 
 __all__ = ["write_png", "read_png", "render_pruning", "denormalize", "pruning_codes", "visualize_pruning",
            "build_parser", "main", "PALETTE", "GUTTER", "GUTTER_COLOUR", "NEUTRAL_COLOUR"]
@@ -252,7 +252,7 @@ def visualize_pruning(model: torch.nn.Module, input_ids: torch.Tensor, pixel_val
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
+    from .tools.cli import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m atp_llava.visualize", description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -277,7 +277,7 @@ def _synthetic_picture(size: int, seed: int) -> torch.Tensor:
 
 
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from .cli import check_model_args
+    from .tools.cli import check_model_args
 
     check_model_args(args, parser)
     if args.tiny and args.prompt is not None:
@@ -307,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> torch.Tensor:
         except (OSError, ValueError) as e:
             parser.error(f"--model {args.model}: --image/--prompt need the checkpoint's tokenizer, which could not "
                          f"be loaded ({e}); without both, a synthetic prompt and image are used")
-    from .cli import model_from_args, synthetic_prompts
+    from .tools.cli import model_from_args, synthetic_prompts
 
     model = model_from_args(args)
     n_grid, image_token_id = model.atp.n_grid, model.config.image_token_id

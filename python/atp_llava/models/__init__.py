@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ..config import ATPConfig
-from ..layout import ImageTokens
+from ..core.config import ATPConfig
+from ..core.layout import ImageTokens
 
 __all__ = ["ModelAdapter", "adapter_for", "register_adapter", "SUPPORTED_MODELS", "REFUSED"]
 

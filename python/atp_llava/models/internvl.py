@@ -12,7 +12,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from ..layout import ImageTokens, grid_coords, token_runs
+from ..core.layout import ImageTokens, grid_coords, token_runs
 from . import ModelAdapter, register_adapter
 
 

@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import ATPConfig
-from ..layout import ImageTokens, fixed_grid_tokens
+from ..core.config import ATPConfig
+from ..core.layout import ImageTokens, fixed_grid_tokens
 from . import ModelAdapter, register_adapter
 
 

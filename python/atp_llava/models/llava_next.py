@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..layout import ImageTokens, grid_coords
+from ..core.layout import ImageTokens, grid_coords
 from . import ModelAdapter, register_adapter
 
 NEWLINE = torch.full((1,), -1.0)  # the code of a newline token

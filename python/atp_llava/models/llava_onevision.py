@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..layout import grid_coords, token_runs
+from ..core.layout import grid_coords, token_runs
 from . import register_adapter
 from .llava_next import NEWLINE, LlavaNextAdapter
 

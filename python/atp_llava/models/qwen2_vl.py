@@ -20,8 +20,8 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import ATPConfig
-from ..layout import ImageTokens, grid_coords
+from ..core.config import ATPConfig
+from ..core.layout import ImageTokens, grid_coords
 from . import ModelAdapter, register_adapter
 
 

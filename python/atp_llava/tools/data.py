@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .layout import IGNORE_INDEX
+from ..core.layout import IGNORE_INDEX
 
 __all__ = ["SyntheticDataset", "RecordsDataset", "collate", "load_image", "encode_prompt", "CLIP_MEAN", "CLIP_STD",
            "LLAVA_TEMPLATE", "IMAGE_PLACEHOLDER"]

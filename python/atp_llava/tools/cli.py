@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .config import MODES, ATPConfig
+from ..core.config import MODES, ATPConfig
 
 __all__ = ["list_items", "int_list", "add_model_args", "check_model_args", "model_atp", "load_model",
            "model_from_args", "synthetic_prompts"]
@@ -119,8 +119,8 @@ def load_model(checkpoint: Union[None, str, os.PathLike] = None, *, tiny: bool =
     (save_atp; its config is used) or an ATPConfig (untrained modules; ``layers`` None: the
     model's default_layers), or None for the stock model; on ``device`` (default: cuda if
     available, else cpu)."""
-    from .io import load_atp
-    from .patch import apply_atp
+    from ..io import load_atp
+    from ..patch import apply_atp
 
     if tiny == (checkpoint is not None):
         raise ValueError("load_model: name a checkpoint or set tiny=True (one of the two)")

@@ -1,5 +1,5 @@
 """Rank helpers: is this a multi-process run, and does this process write files. (Sharding with
-FSDP2 is ``atp_llava.fsdp.shard_fsdp2``.)"""
+FSDP2 is ``atp_llava.tools.fsdp.shard_fsdp2``.)"""
 from __future__ import annotations
 
 __all__ = ["is_distributed", "is_rank0"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .patch import get_atp_controller
+from ..patch import get_atp_controller
 
 __all__ = ["shard_fsdp2"]
 

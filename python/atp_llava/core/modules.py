@@ -148,7 +148,7 @@ class ATPModules(nn.Module):
         spatial: SpatialScores (Eq. 5 on each token's own grid).
         budget_weight: () float32 buffer, the weight of L_target: ``lambda_target`` at the
             start, adapted during training with ``budget_control="constraint"``
-            (``atp_llava.losses.adapt_budget_weight``), fixed otherwise.
+            (``atp_llava.core.losses.adapt_budget_weight``), fixed otherwise.
         budget_violation: () float32 buffer, the mean relative error of N_bar over the last
             window of ``budget_control="constraint"`` (inf before the first).
     """

@@ -1,6 +1,6 @@
 """Optimizer parameter groups of ATP-LLaVA training: the ATP modules and the language model.
 
-    from atp_llava.optim import param_groups
+    from atp_llava.core.optim import param_groups
     opt = torch.optim.AdamW(param_groups(model, lr_atp=1e-3, lr_lm=2e-5))
 
 The ATP modules (``model.atp``: threshold MLPs, a few thousand parameters learning where the

@@ -526,7 +526,7 @@ def test_torchrun_fsdp2_trains_evaluates_and_saves(tmp_path):
 
     model = load_atp(LlavaForConditionalGeneration.from_pretrained(tmp_path / "m"), tmp_path / "m" / ATP_FILE)
     args = build_parser().parse_args([*BASE, "--synthetic", "8", "--eval-synthetic", "2"])
-    from atp_llava.train import _dataset, _loader
+    from atp_llava.tools.train_loops import _dataset, _loader
 
     loader = _loader(_dataset(args, model, None, N_GRID, "eval"), 2, 0, "right")
     again = evaluate(model, loader)

@@ -20,35 +20,32 @@ shards with FSDP2 instead of DDP (``shard_fsdp2``; every rank then runs the eval
 
     torchrun --nproc-per-node 2 -m atp_llava.train --tiny --synthetic 64 --fsdp --max-steps 30
     torchrun --nproc-per-node 2 -m atp_llava.train --tiny --synthetic 64 --engine trainer --grad-accum 2
+
+This module is the command line and the run; the loops are in ``atp_llava.tools.train_loops``,
+the rows a run logs and the eval pass in ``atp_llava.tools.train_log``, the writer of
+--save-model in ``atp_llava.tools.checkpoint``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import math
 import os
-import time
-import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .core.config import BUDGET_CONTROLS, BUDGETS, MLP_INPUTS, MODES, TARGET_LOSSES, ATPConfig
-from .core.distributed import is_rank0
-from .core.layout import IGNORE_INDEX
-from .core.optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups
+from .core.optim import DEFAULT_LR_ATP, DEFAULT_LR_LM
 from .io import save_atp
-from .patch import get_atp_controller
+from .tools.checkpoint import ATP_FILE, save_model
 from .tools.cli import int_list, load_model
-from .tools.data import RecordsDataset, SyntheticDataset, collate
 from .tools.fsdp import shard_fsdp2
+from .tools.train_log import _Log, evaluate, format_eval, step_record
+from .tools.train_loops import _dataset, _load_tokenizer, _loader, _run_own, _run_trainer
 
 __all__ = ["build_parser", "main", "train", "evaluate", "format_eval", "save_model", "step_record", "ATP_FILE"]
 
-ATP_FILE = "atp.safetensors"  # the ATP weights inside a --save-model directory
 ENGINES = ("own", "trainer")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ATPConfig)}
 
@@ -215,247 +212,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                      "N >= 2")
 
 
-def _load_tokenizer(args: argparse.Namespace):
-    """--tokenizer, else --model's tokenizer when records are read (None if it has none)."""
-    if args.tokenizer is None and (args.model is None or (args.data is None and args.eval_data is None)):
-        return None
-    from transformers import AutoTokenizer
-
-    if args.tokenizer is not None:
-        return AutoTokenizer.from_pretrained(args.tokenizer)
-    try:
-        return AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # a checkpoint without one: fine for pre-tokenised records
-        reason = str(e).strip().splitlines()[0][:160]
-        warnings.warn(f"--model {args.model}: no tokenizer loads ({type(e).__name__}: {reason}); text records "
-                      "need --tokenizer PATH", stacklevel=2)
-        return None
-
-
-def _dataset(args: argparse.Namespace, model: nn.Module, tokenizer, n_grid: int, split: str):
-    cfg = model.config
-    vc = cfg.vision_config
-    vocab = cfg.text_config.vocab_size
-    synthetic, records = (args.synthetic, args.data) if split == "train" else (args.eval_synthetic, args.eval_data)
-    if synthetic is not None:
-        offset = 0 if split == "train" else (args.synthetic or 0)
-        return SyntheticDataset(synthetic, cfg.image_token_id, n_grid, vc.image_size, vocab,
-                                max_images=args.max_images, seed=args.seed, offset=offset)
-    if records is None:
-        return None
-    return RecordsDataset(records, tokenizer, cfg.image_token_id, n_grid, vc.image_size, vocab_size=vocab)
-
-
-def _loader(dataset, batch_size: int, pad: Optional[int], padding_side: str, shuffle: bool = False,
-            sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=lambda b: collate(b, pad_token_id=0 if pad is None else pad, padding_side=padding_side))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _mean_rows(x: torch.Tensor, rows: torch.Tensor) -> float:
-    return float(x[rows].float().mean()) if bool(rows.any()) else 0.0
-
-
-def step_record(step: int, epoch: int, out, lrs: Union[Mapping[str, float], Sequence[float]],
-                seconds: float) -> Dict[str, Any]:
-    """One log row: losses, N_bar, and per-ATP-layer batch means (over samples with an image) of
-    the tokens the budget losses saw (``tokens_l{layer}``), the soft and hard counts
-    (``tokens_soft_l{layer}``, ``tokens_hard_l{layer}``) and the thresholds. ``lrs``: the
-    learning rate of each parameter group, by name (``lr_atp``, ``lr_lm``) or by position (``lr0``),
-    and in mode "adaptive" the budget weight the step's loss used (``budget_weight``)."""
-    st = out.atp_stats
-    rec: Dict[str, Any] = {"split": "train", "step": step, "epoch": epoch, "loss": float(out.loss.detach()),
-                           "loss_ntp": float(st["loss_ntp"]), "loss_atp": float(st["loss_atp"]),
-                           "loss_target": float(st["loss_target"]), "n_bar": float(st["n_bar_batch"])}
-    if "n_bar_hard" in st:
-        rec["n_bar_hard"] = float(st["n_bar_hard"])
-    if "theta_r" in st:  # adaptive: L_target's weight this step used (ATPConfig.budget_control)
-        rec["budget_weight"] = float(st["budget_weight"])
-    rec["flops_ratio"] = float(st["flops"].sum() / st["flops_full"].sum())
-    rec["kv_ratio"] = float(st["kv_cache_bytes"].sum() / st["kv_cache_bytes_full"].sum())
-    rec["seconds"] = seconds
-    has_image = st["images_per_sample"] > 0
-    for k, layer in enumerate(st["layers"]):
-        for key in ("tokens", "tokens_soft", "tokens_hard", "theta_r", "theta_s"):
-            if st.get(key) is not None:
-                rec[f"{key}_l{layer}"] = _mean_rows(st[key][:, k], has_image)
-    named = ((f"lr_{n}", lr) for n, lr in lrs.items()) if isinstance(lrs, Mapping) else \
-        ((f"lr{i}", lr) for i, lr in enumerate(lrs))
-    rec.update(named)
-    return rec
-
-
-def _spread(values: torch.Tensor, prefix: str, rec: Dict[str, Any], std: bool = True) -> None:
-    """rec[prefix_mean/_std/_min/_max] of a 1D tensor (population std; all 0 when empty)."""
-    v = values.double()
-    empty = v.numel() == 0
-    rec[f"{prefix}_mean"] = 0.0 if empty else float(v.mean())
-    if std:
-        rec[f"{prefix}_std"] = 0.0 if empty else float(v.std(correction=0))
-    rec[f"{prefix}_min"] = 0.0 if empty else float(v.min())
-    rec[f"{prefix}_max"] = 0.0 if empty else float(v.max())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Dict[str, Any]:
-    """A held-out pass of an ATP model in ``model.eval()`` (hard masks and real pruning unless its
-    ATPConfig says otherwise); the model's train/eval mode is restored afterwards.
-
-    ``loader`` yields ``collate`` batches with labels (-100 off the answer). Teacher-forced: the
-    greedy argmax of the logits at each answer position is compared with the label there.
-
-    Returns a flat dict::
-
-        split "eval"; samples (with an answer); correct; accuracy: samples whose every answer
-        token is predicted (exact match); token_accuracy; loss: L_ntp per answer token;
-        images; n_bar / n_bar_std / n_bar_min / n_bar_max over samples with an image, target_tokens,
-        n_bar_minus_target; for each ATP layer l: tokens_l{l}_mean/_std/_min/_max over images
-        (the hard counts in eval; population std), theta_r_l{l}_mean/_min/_max and theta_s_...
-        over samples with an image (adaptive mode); flops_ratio, kv_ratio against the unpruned
-        model; hard, pruned (what the eval forward did).
-    """
-    inner = _unwrap(model)
-    cfg = get_atp_controller(inner).config
-    param = next(inner.parameters())
-    was_training = inner.training
-    inner.eval()
-    samples = correct = tok_total = tok_correct = images = 0
-    loss_sum = 0.0
-    flops = [0.0, 0.0]
-    kv = [0.0, 0.0]
-    tokens: List[torch.Tensor] = []
-    n_bars: List[torch.Tensor] = []
-    thetas: Dict[str, List[torch.Tensor]] = {"theta_r": [], "theta_s": []}
-    hard = pruned = False
-    try:
-        for batch in loader:
-            batch = {k: v.to(param.device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-            out = inner(**batch, use_cache=False)
-            st = out.atp_stats
-            labels = batch["labels"][:, 1:]
-            answer = labels != IGNORE_INDEX
-            hit = (out.logits[:, :-1].argmax(-1) == labels) & answer
-            has_answer = answer.any(1)
-            samples += int(has_answer.sum())
-            correct += int(((hit | ~answer).all(1) & has_answer).sum())
-            n_tok = int(answer.sum())
-            tok_total += n_tok
-            tok_correct += int(hit.sum())
-            if n_tok:
-                loss_sum += float(st["loss_ntp"]) * n_tok
-            has_image = st["images_per_sample"] > 0
-            images += int(st["images_per_sample"].sum())
-            codes = st.get("keep_codes")
-            if codes:  # hard masks: the count of every image
-                tokens.append(torch.stack([(c != 0).sum(-1) for c in codes], 1).double().cpu())
-            else:  # per sample (the mean over its images)
-                tokens.append(st.get("tokens_hard", st["tokens"])[has_image].double().cpu())
-            n_bars.append(st["n_bar"][has_image].double().cpu())
-            for key in thetas:
-                if st.get(key) is not None:
-                    thetas[key].append(st[key][has_image].double().cpu())
-            flops[0] += float(st["flops"].sum())
-            flops[1] += float(st["flops_full"].sum())
-            kv[0] += float(st["kv_cache_bytes"].sum())
-            kv[1] += float(st["kv_cache_bytes_full"].sum())
-            hard, pruned = bool(st["hard"]), bool(st["pruned"])
-    finally:
-        inner.train(was_training)
-    if not n_bars:
-        raise ValueError("evaluate: the loader yielded no batch")
-    layers = tuple(cfg.layers)
-    rec: Dict[str, Any] = {"split": "eval", "samples": samples, "correct": correct,
-                           "accuracy": correct / samples if samples else 0.0,
-                           "token_accuracy": tok_correct / tok_total if tok_total else 0.0,
-                           "loss": loss_sum / tok_total if tok_total else 0.0, "images": images}
-    spread: Dict[str, Any] = {}
-    _spread(torch.cat(n_bars), "n_bar", spread)
-    rec["n_bar"] = spread.pop("n_bar_mean")
-    rec.update(spread)
-    rec["target_tokens"] = float(cfg.target_tokens)
-    rec["n_bar_minus_target"] = rec["n_bar"] - rec["target_tokens"]
-    per_layer = torch.cat(tokens)
-    for k, layer in enumerate(layers):
-        _spread(per_layer[:, k], f"tokens_l{layer}", rec)
-    for key, parts in thetas.items():
-        if parts:
-            values = torch.cat(parts)
-            for k, layer in enumerate(layers):
-                _spread(values[:, k], f"{key}_l{layer}", rec, std=False)
-    rec["flops_ratio"] = flops[0] / flops[1] if flops[1] else 1.0
-    rec["kv_ratio"] = kv[0] / kv[1] if kv[1] else 1.0
-    rec["hard"], rec["pruned"] = hard, pruned
-    return rec
-
-
-def format_eval(rec: Dict[str, Any]) -> str:
-    """A readable summary of an ``evaluate`` record."""
-    head = [f"eval{'' if 'step' not in rec else ' @ step ' + str(rec['step'])}:",
-            f"accuracy {rec['accuracy']:.4f} ({rec['correct']}/{rec['samples']}),",
-            f"token accuracy {rec['token_accuracy']:.4f}, loss {rec['loss']:.4f},",
-            f"N_bar {rec['n_bar']:.1f} (target {rec['target_tokens']:g}),",
-            f"FLOPs x{rec['flops_ratio']:.3f}, KV x{rec['kv_ratio']:.3f}"]
-    lines = [" ".join(head)]
-    layers = sorted(int(k[len("tokens_l"):-len("_mean")]) for k in rec
-                    if k.startswith("tokens_l") and k.endswith("_mean"))
-    for layer in layers:
-        t = f"tokens_l{layer}"
-        line = (f"  layer {layer}: tokens {rec[t + '_mean']:.1f} +- {rec[t + '_std']:.1f} "
-                f"[{rec[t + '_min']:.0f}, {rec[t + '_max']:.0f}]")
-        for key in ("theta_r", "theta_s"):
-            name = f"{key}_l{layer}"
-            if name + "_mean" in rec:
-                line += (f", {key} {rec[name + '_mean']:.3f} "
-                         f"[{rec[name + '_min']:.3f}, {rec[name + '_max']:.3f}]")
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def save_model(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=None) -> None:
-    """Write an ATP model as a user reloads it: ``directory`` gets the stock LLaVA
-    (``save_pretrained`` of every weight but ``atp.*``; the config holds no trace of ATP, as
-    transformers does not serialise the attention implementation), ``directory/atp.safetensors``
-    (``save_atp``) and ``tokenizer`` if given. Then::
-
-        load_atp(LlavaForConditionalGeneration.from_pretrained(directory), f"{directory}/atp.safetensors")
-
-    is the same model. ``model`` itself is not changed.
-    """
-    inner = _unwrap(model)
-    get_atp_controller(inner)
-    writer = is_rank0()
-    if _is_sharded(inner):  # FSDP2: whole tensors, a collective (every rank calls save_model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = inner.state_dict() if writer else {}
-    if writer:
-        os.makedirs(directory, exist_ok=True)
-        inner.save_pretrained(directory, state_dict={k: v for k, v in state.items() if not k.startswith("atp.")})
-    save_atp(inner, os.path.join(directory, ATP_FILE))
-    if tokenizer is not None and writer:
-        tokenizer.save_pretrained(directory)
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _lrs(opt: torch.optim.Optimizer) -> Dict[str, float]:
-    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}  # param_groups() names them
-
-
 def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
           return_model: bool = False) -> Union[List[Dict[str, Any]], Tuple[List[Dict[str, Any]], nn.Module]]:
     """Run training in this process (rank ``rank`` of ``world_size``) with ``args.engine``;
@@ -528,144 +284,6 @@ def train(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
         dist.barrier()
         dist.destroy_process_group()
     return (log.rows, model) if return_model else log.rows
-
-
-class _Log:
-    """The log rows of a run: kept, and written as JSON lines / CSV (rank 0's files)."""
-
-    def __init__(self, json_f, csv_f):
-        self.rows: List[Dict[str, Any]] = []
-        self.json_f, self.csv_f, self.csv_w = json_f, csv_f, None
-        self.progress = None
-
-    def step(self, rec: Dict[str, Any]) -> None:
-        self._json(rec)
-        if self.csv_f:
-            if self.csv_w is None:
-                self.csv_w = csv.DictWriter(self.csv_f, fieldnames=list(rec))
-                self.csv_w.writeheader()
-            self.csv_w.writerow(rec)
-            self.csv_f.flush()
-
-    def eval(self, rec: Dict[str, Any]) -> None:
-        self._json(rec)
-        (self.progress.write if self.progress is not None else print)(format_eval(rec))
-
-    def _json(self, rec: Dict[str, Any]) -> None:
-        self.rows.append(rec)
-        if self.json_f:
-            self.json_f.write(json.dumps(rec) + "\n")
-            self.json_f.flush()
-
-    def close(self) -> None:
-        for f in (self.json_f, self.csv_f):
-            if f:
-                f.close()
-        if self.progress is not None:
-            self.progress.close()
-
-
-def _run_own(args, model, dataset, pad, dtype, device, rank, world_size, log, run_eval) -> None:
-    """This module's loop: one optimizer step per batch, DDP (or FSDP2, already applied) across
-    processes, a DistributedSampler."""
-    distributed = world_size > 1
-    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed)
-               if distributed else None)
-    loader = _loader(dataset, args.batch_size, pad, args.padding_side, shuffle=True, sampler=sampler, seed=args.seed)
-    opt = torch.optim.AdamW(param_groups(model, lr_atp=args.lr_atp, lr_lm=args.lr_lm,
-                                         weight_decay=args.weight_decay))
-    runner = model
-    if distributed and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    total = args.epochs * len(loader) if args.max_steps is None else args.max_steps
-    if rank == 0 and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        log.progress = tqdm(total=total, desc="atp-llava", unit="step")
-    step = epoch = 0
-    while step < total:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            out = runner(**batch, use_cache=False)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            step += 1
-            rec = step_record(step, epoch, out, _lrs(opt), time.perf_counter() - t0)
-            log.step(rec)
-            if log.progress is not None:
-                log.progress.update(1)
-                log.progress.set_postfix(loss=f"{rec['loss']:.3f}", n_bar=f"{rec['n_bar']:.1f}")
-            if step >= total:
-                break
-            if args.eval_every and step % args.eval_every == 0:
-                run_eval(step, epoch)
-        epoch += 1
-    run_eval(step, max(epoch - 1, 0))
-
-
-def _run_trainer(args, model, dataset, pad, dtype, device, rank, world_size, log, run_eval) -> None:
-    """Hugging Face Trainer (ATPTrainer): its DDP, gradient accumulation, AdamW ("adamw_torch")
-    at a constant learning rate without clipping, as the own loop; one log row per optimizer
-    step from Trainer's logs (its loss, the mean over the accumulated batch, and ATPCallback's
-    statistics under the own loop's names)."""
-    import tempfile
-
-    from transformers import TrainerCallback, TrainingArguments
-
-    from .trainer import ATPTrainer
-
-    class Rows(TrainerCallback):
-        def __init__(self):
-            self.t0 = time.perf_counter()
-
-        def on_log(self, targs, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:  # Trainer's training logs only
-                return
-            # the own loop's epoch index; Trainer's state.epoch is the fraction of epochs done
-            epoch = max(math.ceil(state.epoch or 0) - 1, 0)
-            if rank == 0:
-                self.row(state, epoch, logs, kwargs["optimizer"])
-            step = state.global_step
-            if args.eval_every and step % args.eval_every == 0 and step < state.max_steps:
-                run_eval(step, epoch)  # every rank: it may gather or wait
-
-        def row(self, state, epoch, logs, optimizer):
-            rec = {"split": "train", "step": state.global_step, "epoch": epoch, "loss": float(logs["loss"])}
-            rec.update({k[len("atp/"):]: v for k, v in logs.items() if k.startswith("atp/")})
-            rec.update({f"lr_{name}": lr for name, lr in _lrs(optimizer).items()})
-            now = time.perf_counter()
-            rec["seconds"], self.t0 = now - self.t0, now
-            log.step(rec)
-
-    out_dir = tempfile.mkdtemp(prefix="atp_llava_trainer_")
-    targs = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        num_train_epochs=args.epochs, max_steps=args.max_steps or -1, learning_rate=args.lr_lm,
-        weight_decay=args.weight_decay, optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0,
-        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
-        data_seed=args.seed, use_cpu=device.type == "cpu",
-        ddp_backend=("gloo" if device.type == "cpu" else "nccl") if world_size > 1 else None,
-        ddp_find_unused_parameters=False, remove_unused_columns=False, disable_tqdm=args.no_progress or rank != 0,
-        dataloader_num_workers=0)
-
-    def collator(batch):
-        out = collate(batch, pad_token_id=0 if pad is None else pad, padding_side=args.padding_side)
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(dtype)
-        return out
-
-    trainer = ATPTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
-                         lr_atp=args.lr_atp, callbacks=[Rows()])
-    trainer.train()
-    run_eval(trainer.state.global_step, max(int(trainer.state.epoch or 1) - 1, 0))
 
 
 def _spawn_worker(rank: int, world_size: int, argv: List[str], port: str) -> None:

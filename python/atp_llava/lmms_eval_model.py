@@ -38,10 +38,13 @@ layer, FLOPs by Eq. 15, KV-cache bytes, their reductions) is logged through lmms
 and kept in ``ATPLlava.atp_reports`` (a list of dicts, one per request, in completion order);
 ``ATPLlava.efficiency_summary()`` averages them. Per batch the means go to lmms-eval's
 throughput log (``log_metrics``), so they appear in the results JSON under "throughput".
+
+This module is the model class and its answers to lmms-eval's requests; the model_args' lists
+and a request's inputs are in ``atp_llava.tools.lmms_inputs`` (``RequestInputs``), the
+efficiency reports in ``atp_llava.tools.lmms_reports`` (``EfficiencyReports``).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -51,12 +54,13 @@ import torch
 from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger as eval_logger
 from transformers import StoppingCriteria
 
-from .tools.cli import int_list, list_items, load_model, model_atp
-from .tools.data import CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, _preprocess, collate, encode_prompt, load_image
+from .tools.cli import load_model, model_atp
+from .tools.data import LLAVA_TEMPLATE
+from .tools.lmms_inputs import RequestInputs, _int_list, _theta
+from .tools.lmms_reports import EfficiencyReports
 
 __all__ = ["ATPLlava", "LoglikelihoodResult", "lmms_eval_manifest", "MODEL_ID", "CLASS_PATH", "ENTRY_POINT"]
 
@@ -64,11 +68,6 @@ MODEL_ID = "atp_llava"
 CLASS_PATH = "atp_llava.lmms_eval_model.ATPLlava"
 # setup.py's entry_points={"lmms_eval.models": [ENTRY_POINT]} (tests check the two agree).
 ENTRY_POINT = "atp_llava = atp_llava.lmms_eval_model:lmms_eval_manifest"
-_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".wmv", ".m4v")
-# per-sample fields of ATPReport.to_dict(), split per request
-_PER_SAMPLE = ("n_bar", "vision_tokens", "tokens_seen", "flops_per_layer", "flops", "flops_full",
-               "kv_cache_bytes_per_layer", "kv_cache_bytes", "kv_cache_bytes_full", "flops_reduction",
-               "kv_cache_reduction")
 
 
 def lmms_eval_manifest():
@@ -76,37 +75,6 @@ def lmms_eval_manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
-
-
-def _int_list(value, name: str) -> Optional[Tuple[int, ...]]:
-    """model_args list: 4, [1, 2, 3] (lmms-eval may parse them) or a text cli.int_list reads
-    ("[1,2,3]", "1:2:3", "1 2 3"; "" is None) -> tuple of ints."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (int(value),)
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    try:
-        return int_list(None if value is None else str(value))
-    except ValueError:
-        raise ValueError(f"atp_llava model_args: {name} must be integers like [1,2,3] or 1:2:3, "
-                         f"got {value!r}") from None
-
-
-def _theta(value) -> Optional[Tuple[float, float]]:
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = list_items(str(value))
-    try:
-        out = tuple(float(p) for p in parts)
-    except ValueError:
-        out = ()
-    if len(out) != 2:
-        raise ValueError(f"atp_llava model_args: theta must be two numbers theta_r, theta_s like [0.5,0.5] or "
-                         f"0.5:0.5, got {value!r}")
-    return out
 
 
 @dataclass(eq=False)
@@ -164,7 +132,7 @@ class _StopOnStrings(StoppingCriteria):
         return done
 
 
-class ATPLlava(lmms):
+class ATPLlava(RequestInputs, EfficiencyReports, lmms):
     """lmms-eval model ``atp_llava``: a saved LLaVA with ATP applied, generating with real
     pruning. See the module docstring for the model_args."""
 
@@ -258,144 +226,6 @@ class ATPLlava(lmms):
     @property
     def device(self) -> torch.device:
         return self._device
-
-    # -- inputs --------------------------------------------------------------------------------
-
-    def _load_image_processor(self, path: str):
-        if not os.path.exists(os.path.join(path, "preprocessor_config.json")):
-            return None
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(path)
-        except (OSError, ValueError, ImportError) as e:
-            eval_logger.warning(f"atp_llava: could not load the image processor in {path} ({e}); using CLIP "
-                                "preprocessing")
-            return None
-
-    def _pixels(self, visuals: Sequence[Any]) -> Optional[torch.Tensor]:
-        """(k, 3, S, S) pixel values of one request's images (PIL images, arrays, tensors or paths)."""
-        if not visuals:
-            return None
-        images = []
-        for v in visuals:
-            if isinstance(v, (str, os.PathLike)) and os.fspath(v).lower().endswith(_VIDEO_EXTENSIONS):
-                raise NotImplementedError(f"atp_llava: video input ({v}) is not supported, images only")
-            if isinstance(v, dict):
-                raise NotImplementedError(f"atp_llava: non-image visual {sorted(v)} (audio?) is not supported")
-            if hasattr(v, "convert"):  # PIL
-                v = v.convert("RGB")
-            images.append(v)
-        if self._image_processor is not None:
-            opened = []
-            for v in images:
-                if isinstance(v, (str, os.PathLike)):
-                    from PIL import Image
-
-                    v = Image.open(os.fspath(v)).convert("RGB")
-                opened.append(v)
-            pixels = self._image_processor(images=opened, return_tensors="pt")["pixel_values"]
-        else:
-            import numpy as np
-
-            pixels = torch.stack([_preprocess(load_image(np.asarray(v) if hasattr(v, "getpixel") else v),
-                                              self.image_size, CLIP_MEAN, CLIP_STD) for v in images])
-        if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"atp_llava: the image processor gives {tuple(pixels.shape[-2:])} images, the vision "
-                             f"tower takes {self.image_size} x {self.image_size}")
-        return pixels.to(torch.float32)
-
-    def _encode(self, text: str) -> List[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-    def _prompt_ids(self, context: str, n_images: int) -> List[int]:
-        """data.encode_prompt in this model's template: the images at the context's own <image>
-        placeholders, the rest at the template's {image}."""
-        return encode_prompt(self._tokenizer, context, n_images, self.image_token_id, self.n_grid, self.template)
-
-    def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> List[Any]:
-        if doc_to_visual is None:
-            return []
-        out = doc_to_visual(self.task_dict[task][split][doc_id])
-        if out is None:
-            return []
-        flat = []
-        for v in out if isinstance(out, (list, tuple)) else [out]:
-            flat.extend(v if isinstance(v, (list, tuple)) else [v])
-        return flat
-
-    def _batch(self, examples: List[Dict[str, Any]], padding_side: str) -> Dict[str, torch.Tensor]:
-        for ex in examples:
-            ex.setdefault("labels", [-100] * len(ex["input_ids"]))
-            if ex["pixel_values"] is None:
-                ex["pixel_values"] = torch.zeros(0, 3, self.image_size, self.image_size)
-        inputs = collate(examples, pad_token_id=self.pad_token_id, padding_side=padding_side)
-        inputs.pop("labels")
-        if "pixel_values" in inputs:  # absent when no example has an image
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
-        return {k: v.to(self._device) for k, v in inputs.items()}
-
-    # -- efficiency reports --------------------------------------------------------------------
-
-    def _record(self, metas: List[Dict[str, Any]], generated: Optional[List[int]], elapsed: float) -> None:
-        """Split ``model.atp_report`` (the last call) per request, log and keep each; log the
-        batch means to lmms-eval's throughput metrics."""
-        report = getattr(self._model, "atp_report", None)
-        if report is None:
-            return
-        d = report.to_dict()
-        per_token = 0.0  # KV bytes one cached generated token adds over all layers
-        if report.generated > 1:  # the cache holds all generated tokens but the last
-            per_token = float((report.kv_cache_bytes_final[0] - report.kv_cache_bytes[0]) / (report.generated - 1))
-        batch = []
-        for b, meta in enumerate(metas):
-            rec = dict(meta)
-            rec.update(atp_layers=list(report.atp_layers), batch_size=len(metas), latency_s=elapsed / len(metas))
-            rec.update({k: d[k][b] for k in _PER_SAMPLE})
-            gen = 0 if generated is None else int(generated[b])
-            rec["generated_tokens"] = gen
-            rec["kv_cache_bytes_final"] = rec["kv_cache_bytes"] + max(gen - 1, 0) * per_token
-            batch.append(rec)
-            vt = " ".join(f"{x:.0f}" for x in rec["vision_tokens"])
-            eval_logger.info(f"atp_llava {rec['request_type']} {rec['task']} doc {rec['doc_id']}: vision tokens per "
-                             f"layer [{vt}], N_bar {rec['n_bar']:.1f}, TFLOPs {rec['flops'] / 1e12:.4f} "
-                             f"(-{rec['flops_reduction']:.1%}), KV {rec['kv_cache_bytes'] / 2**20:.3f} MiB "
-                             f"(-{rec['kv_cache_reduction']:.1%})")
-        self.atp_reports.extend(batch)
-        if self.report_path:
-            with open(self.report_path, "a") as f:
-                for rec in batch:
-                    f.write(json.dumps(rec) + "\n")
-        total_gen = 0 if generated is None else int(sum(generated))
-        mean = lambda k: float(sum(r[k] for r in batch) / len(batch))  # noqa: E731
-        log_metrics(total_elapsed_time=elapsed, total_gen_tokens=total_gen,
-                    avg_speed=total_gen / elapsed if elapsed > 0 else 0.0,
-                    additional_metrics={"num_requests": len(batch), "atp_n_bar": mean("n_bar"),
-                                        "atp_tflops": mean("flops") / 1e12,
-                                        "atp_flops_reduction": mean("flops_reduction"),
-                                        "atp_kv_cache_reduction": mean("kv_cache_reduction")})
-
-    def efficiency_summary(self, records: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
-        """Means over the requests recorded so far (or over ``records``): N_bar, FLOPs, KV bytes,
-        their reductions, and vision tokens per decoder layer."""
-        records = self.atp_reports if records is None else records
-        if not records:
-            return {"requests": 0}
-        n = len(records)
-        out: Dict[str, Any] = {"requests": n}
-        for k in ("n_bar", "flops", "flops_full", "flops_reduction", "kv_cache_bytes", "kv_cache_bytes_full",
-                  "kv_cache_reduction", "generated_tokens"):
-            out[k] = sum(float(r[k]) for r in records) / n
-        layers = len(records[0]["vision_tokens"])
-        out["vision_tokens"] = [sum(r["vision_tokens"][i] for r in records) / n for i in range(layers)]
-        return out
-
-    def _log_summary(self, kind: str, records: List[Dict[str, Any]]) -> None:
-        s = self.efficiency_summary(records)
-        if s["requests"]:
-            eval_logger.info(f"atp_llava {kind}: {s['requests']} requests, mean N_bar {s['n_bar']:.1f}, FLOPs "
-                             f"-{s['flops_reduction']:.1%}, KV cache -{s['kv_cache_reduction']:.1%}, vision tokens "
-                             f"per layer [{' '.join(f'{x:.0f}' for x in s['vision_tokens'])}]")
 
     # -- lmms-eval API -------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ token thin to many tiles, any aspect ratio, one or two per sample, through the r
 training and in eval with real pruning. LLaVA-1.5 is not here: its processor resizes every
 image to the one grid its vision tower takes.
 
-Sizes as ``atp_llava.tiny.family_batch`` takes them: LLaVA-NeXT/OneVision (H, W) pixels (tiles
+Sizes as ``atp_llava.tools.tiny.family_batch`` takes them: LLaVA-NeXT/OneVision (H, W) pixels (tiles
 of 16 px, 8 x 8 tokens; unpadding a 1 x 64 or 64 x 1 image leaves a canvas 0 tokens across),
 Qwen-VL (T, H, W) patches (merged 2 x 2: a 2 x 40 grid is 1 x 20 tokens), InternVL tiles.
 """
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers")
 
 from atp_llava import ATPConfig, apply_atp, default_strides, spatial_score  # noqa: E402
-from atp_llava.tiny import TINY_FAMILIES, family_batch  # noqa: E402
+from atp_llava.tools.tiny import TINY_FAMILIES, family_batch  # noqa: E402
 from test_llava_inference import pruned_and_masked  # noqa: E402
 from test_model_families import f64, layout_of, survivors  # noqa: E402
 

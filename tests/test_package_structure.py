@@ -1,6 +1,6 @@
 """The shape of atp_llava's imports: no import circle, and no import that runs upward through its
 layers (DESIGN §2.3): the core (``core/``, family-blind, and the adapters in ``models/``), the
-integration (the package's ``__init__``, ``patch``, ``io``), the tools (``tools/`` and the entry
+integration (the package's ``__init__``, ``patch``, ``generate``, ``io``), the tools (``tools/`` and the entry
 points users run or import by name). ``core/`` never reaches ``models/`` either.
 
 The graph is read from the source (every ``import`` and ``from ... import``, including those

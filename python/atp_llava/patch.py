@@ -35,9 +35,10 @@ without images) is the family's adapter (``atp_llava.models``); nothing here ask
 it runs on. The attention function refuses sliding windows, which it does not implement.
 
 This module holds the version gate, the hooks (``ATPController``) and ``apply_atp`` /
-``remove_atp``; the parts they wire together live beside it: the per-forward state (state.py),
-the attention function and its mask function (attention.py), the ATP step (step.py), and the
-forward's ``atp_stats``, budget terms and output fields (stats.py).
+``remove_atp``; the ``generate`` wrapper is generate.py, and the parts they wire together are
+the core's: the per-forward state (core/state.py), the attention function and its mask
+function (core/attention.py), the ATP step (core/step.py), and the forward's ``atp_stats``,
+budget terms and output fields (core/stats.py).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from .core import flash
 from .core.attention import ATTN_IMPLEMENTATION, register_attention
 from .core.config import ATPConfig
 from .core.distributed import is_distributed
-from .core.efficiency import ATPReport, kv_bytes_per_token
+from .core.efficiency import ATPReport
 from .core.layout import VisionLayout, gather_slots, padding_bias, valid_mask
 from .core.losses import SAMPLES_IN_BATCH, budget_share, min_reachable_tokens
 from .core.modules import ATPModules
@@ -62,6 +63,7 @@ from .core.rope2d import default_section, positions_3d, rope_2d_cos_sin
 from .core.state import ATPHandle, ATPState, CacheState, DecodeState, state_of
 from .core.stats import BudgetWindow, element_bytes, forward_stats, with_atp_fields
 from .core.step import atp_step
+from .generate import atp_generate
 from .models import ModelAdapter, adapter_for
 
 
@@ -117,10 +119,10 @@ class ATPController:
         self._lm_state: Optional[Union[ATPState, DecodeState]] = None  # read by the LM and rotary hooks
         # Pruned prefills' per-layer cache bias, keyed by the transformers cache object they filled.
         self._caches: "weakref.WeakKeyDictionary[Any, CacheState]" = weakref.WeakKeyDictionary()
-        self._prompt_len: Optional[int] = None  # inside generate(): the prompt's length
-        self._prompt_inputs: Dict[str, Any] = {}  # inside generate(): the prompt's adapter.layout_inputs
-        self._fsdp_generate = False  # generate() registered as an FSDP2 forward method
-        self._call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
+        self.prompt_len: Optional[int] = None  # inside generate(): the prompt's length
+        self.prompt_inputs: Dict[str, Any] = {}  # inside generate(): the prompt's adapter.layout_inputs
+        self.fsdp_generate = False  # generate() registered as an FSDP2 forward method
+        self.call_report: Optional[ATPReport] = None  # inside generate(): its first forward's report
         self.rope_section: Optional[Tuple[int, int, int]] = None
         self.handles = []
         self._budget = BudgetWindow()  # the budget weight's adaptation (ATPConfig.budget_control)
@@ -152,11 +154,11 @@ class ATPController:
             raise TypeError(f"ATP-LLaVA inference needs a DynamicCache (each layer keeps its own number of "
                             f"tokens), got {type(cache).__name__}")
         attention_mask = bound.get("attention_mask")
-        for name, value in self._prompt_inputs.items():  # generate(): the prompt's image sizes and grids
-            if bound.get(name) is None and input_ids.shape[1] >= self._prompt_len:
+        for name, value in self.prompt_inputs.items():  # generate(): the prompt's image sizes and grids
+            if bound.get(name) is None and input_ids.shape[1] >= self.prompt_len:
                 bound[name] = value
         tokens = self.adapter.image_tokens(bound, valid_mask(input_ids, attention_mask))
-        layout = VisionLayout.from_tokens(tokens, input_ids, attention_mask, bound.get("labels"), self._prompt_len)
+        layout = VisionLayout.from_tokens(tokens, input_ids, attention_mask, bound.get("labels"), self.prompt_len)
         img_zeros = layout.image_zeros()  # -inf past each image's count: never kept, never counted
         straight_through = (not hard) and self.config.mode == "adaptive" and self.config.budget == "hard"
         share = budget_share(layout, bound.get("labels"), *normalisers)
@@ -244,8 +246,8 @@ class ATPController:
 
         report = ATPReport.from_stats(stats)
         object.__setattr__(module, "atp_report", report)
-        if self._prompt_len is not None and self._call_report is None:
-            self._call_report = report  # generate(): the prompt's forward
+        if self.prompt_len is not None and self.call_report is None:
+            self.call_report = report  # generate(): the prompt's forward
         if isinstance(output, tuple):
             return output
         loss = getattr(output, "loss", None)
@@ -280,61 +282,6 @@ class ATPController:
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
-
-
-    # -- generate() ----------------------------------------------------------------------------
-
-    def generate(self, model: nn.Module, stock_generate, *args, **kwargs):
-        """``model.generate`` of an ATP model: the stock one, with the prompt length known to the
-        prefix forwards (generated tokens never steer pruning) and the call's efficiency report
-        left in ``model.atp_report``. Beam search and assisted decoding reorder or fork the
-        cache, which the pruned per-layer cache does not follow: refused.
-
-        Under FSDP2 (``fully_shard(model)``) the first call registers ``generate`` as an FSDP
-        forward method (``register_fsdp_forward_method``), so the root's parameters are gathered
-        around it as around ``forward``."""
-        if not self._fsdp_generate and _is_fsdp2_root(model):
-            from torch.distributed.fsdp import register_fsdp_forward_method
-
-            register_fsdp_forward_method(model, "generate")  # wraps this very wrapper
-            self._fsdp_generate = True
-            return model.generate(*args, **kwargs)
-        gen_config = kwargs.get("generation_config") or model.generation_config
-        for name in ("num_beams", "num_beam_groups"):
-            value = kwargs.get(name, getattr(gen_config, name, 1))
-            if value is not None and value > 1:
-                raise NotImplementedError(f"ATP-LLaVA generate(): {name}={value} is not supported (greedy and "
-                                          "sampling are)")
-        for name in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha"):
-            if kwargs.get(name, getattr(gen_config, name, None)) is not None:
-                raise NotImplementedError(f"ATP-LLaVA generate(): {name} is not supported (greedy and sampling are)")
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            raise ValueError("ATP-LLaVA generate() needs input_ids")
-        self._prompt_len = int(input_ids.shape[1])
-        self._prompt_inputs = {name: kwargs[name] for name in self.adapter.layout_inputs if kwargs.get(name) is not None}
-        self._call_report = None
-        try:
-            out = stock_generate(*args, **kwargs)
-        finally:
-            self._prompt_len = None
-            self._prompt_inputs = {}
-        report, self._call_report = self._call_report, None
-        if report is not None:
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            _, _, kv_heads, head_dim = self.dims
-            per_token = kv_bytes_per_token(kv_heads, head_dim, element_bytes(model))
-            object.__setattr__(model, "atp_report", report.with_generated(sequences.shape[1] - input_ids.shape[1],
-                                                                           per_token))
-        return out
-
-
-def _is_fsdp2_root(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def _output_cache(output) -> Optional[Any]:
@@ -434,7 +381,7 @@ def apply_atp(model: nn.Module, config: ATPConfig) -> nn.Module:
                              f"{rotary.inv_freq.shape[0]}")
         ctrl.handles.append(rotary.register_forward_hook(ctrl.rotary_post_forward, with_kwargs=True))
     object.__setattr__(model, "_atp_controller", ctrl)
-    object.__setattr__(model, "generate", partial(ctrl.generate, model, model.generate))
+    object.__setattr__(model, "generate", partial(atp_generate, ctrl, model, model.generate))
     return model
 
 

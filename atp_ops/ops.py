@@ -329,13 +329,22 @@ def normalize_scores(s: torch.Tensor, kept: Optional[torch.Tensor] = None, eps: 
     all if None); entries not kept get 0, a row whose kept entries are all equal gets 0.
     Invariant to a positive rescaling and a shift of each row. Returns float32 (float64 for
     float64 input). The one normalisation of scores in the package (DESIGN §3.2)."""
-    if kept is None:
-        kept = torch.ones_like(s, dtype=torch.bool)
     s = s.to(compute_dtype(s.dtype))
-    lo = torch.where(kept, s, torch.full_like(s, float("inf"))).amin(-1, keepdim=True)
-    hi = torch.where(kept, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
+    return _normalize(s, None if kept is None else ~kept, eps)
+
+
+def _normalize(s: torch.Tensor, dropped: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """``normalize_scores`` of ``s`` (..., N), already in its compute dtype, with ``dropped`` =
+    ~kept (None: every entry kept). Every row is normalised on its own, so scores stacked on a
+    leading dimension give what each gives alone, bit for bit (min and max are exact)."""
+    if dropped is None:
+        lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+    else:
+        lo = s.masked_fill(dropped, float("inf")).amin(-1, keepdim=True)
+        hi = s.masked_fill(dropped, float("-inf")).amax(-1, keepdim=True)
     span = (hi - lo).clamp_min(eps)
-    return torch.where(kept, (s - lo) / span, torch.zeros_like(s))
+    out = (s - lo) / span
+    return out if dropped is None else out.masked_fill(dropped, 0.0)
 
 
 def redundant_score(s_self: torch.Tensor, s_cross: torch.Tensor, kept: Optional[torch.Tensor] = None,
@@ -347,7 +356,12 @@ def redundant_score(s_self: torch.Tensor, s_cross: torch.Tensor, kept: Optional[
     ``normalize_scores``), then the two are averaged. Tokens not kept get 0. s_self, s_cross:
     (B, N) over the vision tokens.
     """
-    return 0.5 * (normalize_scores(s_self, kept, eps) + normalize_scores(s_cross, kept, eps))
+    a, b = s_self.to(compute_dtype(s_self.dtype)), s_cross.to(compute_dtype(s_cross.dtype))
+    dropped = None if kept is None else ~kept
+    if a.dtype == b.dtype and a.shape == b.shape:  # both in one pass: the same values, half the ops
+        both = _normalize(torch.stack([a, b]), dropped, eps)
+        return 0.5 * (both[0] + both[1])
+    return 0.5 * (_normalize(a, dropped, eps) + _normalize(b, dropped, eps))
 
 
 # ----------------------------------------------------------------------------------------------

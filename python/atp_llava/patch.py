@@ -56,7 +56,7 @@ from .core.attention import ATTN_IMPLEMENTATION, register_attention
 from .core.config import ATPConfig
 from .core.distributed import is_distributed
 from .core.efficiency import ATPReport
-from .core.layout import VisionLayout, gather_slots, padding_bias, valid_mask
+from .core.layout import VisionLayout, padding_bias, valid_mask
 from .core.losses import SAMPLES_IN_BATCH, budget_share, min_reachable_tokens
 from .core.modules import ATPModules
 from .core.rope2d import default_section, positions_3d, rope_2d_cos_sin
@@ -273,9 +273,9 @@ class ATPController:
             return None
         if state.position_embeddings is None:
             # The language model hands every layer the same rotary inputs of the full sequence.
-            state.position_embeddings = tuple(gather_slots(t, state.view.orig) for t in kwargs["position_embeddings"])
+            state.position_embeddings = tuple(state.view.gather(t) for t in kwargs["position_embeddings"])
             pid = kwargs.get("position_ids")
-            state.position_ids = None if pid is None else gather_slots(pid, state.view.orig)
+            state.position_ids = None if pid is None else state.view.gather(pid)
         kwargs = {**kwargs, "position_embeddings": state.position_embeddings}
         if "position_ids" in kwargs:
             kwargs["position_ids"] = state.position_ids

@@ -325,11 +325,17 @@ def valid_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
 def gather_slots(x: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """``out[b, j] = x[b, index[b, j]]`` along dim 1, ``fill`` where ``index`` is -1.
     x (B or 1, L, ...), index (B, Lc) long -> (B, Lc, ...)."""
+    return _gather(x, index.clamp_min(0), index < 0, fill)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, empty: torch.Tensor, fill: float) -> torch.Tensor:
+    """``gather_slots`` with its index clamped (``index.clamp_min(0)``) and its empty slots
+    (``index < 0``) given."""
     b, lc = index.shape
     x = x.expand((b,) + x.shape[1:])
     trail = (1,) * (x.dim() - 2)
-    out = x.gather(1, index.clamp_min(0).view(b, lc, *trail).expand((b, lc) + x.shape[2:]))
-    return out.masked_fill((index < 0).view(b, lc, *trail), fill)
+    out = x.gather(1, index.view(b, lc, *trail).expand((b, lc) + x.shape[2:]))
+    return out.masked_fill(empty.view(b, lc, *trail), fill)
 
 
 @dataclass
@@ -354,6 +360,25 @@ class SeqView:
     @property
     def length(self) -> int:
         return int(self.orig.shape[1])
+
+    @cached_property
+    def _orig_index(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.orig.clamp_min(0), self.orig < 0
+
+    @cached_property
+    def _src_index(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.src.clamp_min(0), self.src < 0
+
+    def gather(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``gather_slots(x, self.orig, fill)``: x (B or 1, L, ...) in original positions -> its
+        values in this view's slots (B, Lc, ...). The index is prepared once per view (every
+        layer from here on gathers with it)."""
+        return _gather(x, *self._orig_index, fill)
+
+    def gather_src(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``gather_slots(x, self.src, fill)``: x (B or 1, Lc_prev, ...) in the previous view's
+        slots -> this view's."""
+        return _gather(x, *self._src_index, fill)
 
     @classmethod
     def keep(cls, keep: torch.Tensor, prev: Optional["SeqView"], seq_len: int) -> "SeqView":

@@ -61,7 +61,8 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         return drop(state, hidden)
     q, k, lse, bias_used, scale, causal = capture
     prev = state.img_bias
-    kept = torch.isfinite(prev)  # the tokens this forward still holds
+    # the tokens this forward still holds: isfinite(prev) in one op (a log mask is <= 0, never +inf)
+    kept = prev > float("-inf")
     if config.mode != "random":
         cross_rows = lay.text_rows if config.mode != "fastv" else last_rows(lay.text_rows)
         s_self, s_cross = image_scores(lay, state.view, q, k, lse, bias_used, prev.detach(), cross_rows, scale,
@@ -73,12 +74,17 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         soft = atp_ops.atp_soft_mask(s_red, s_spatial, theta_r, theta_s, config.temperature)  # log M, Eq. 9-11
         by_red = (s_red > theta_r[:, None]) | top_k(s_red, state.img_keep, config.min_keep)
         by_spatial = s_spatial > theta_s[:, None]
-        keep = (by_red | by_spatial) & state.img_keep
         if state.hard:
-            state.keep_codes.append((by_red & keep).to(torch.uint8) * KEEP_REDUNDANT
-                                    + (by_spatial & keep).to(torch.uint8) * KEEP_SPATIAL)
+            # the keep codes first, and the keep mask from them: (by_red & keep) * KEEP_REDUNDANT
+            # + (by_spatial & keep) * KEEP_SPATIAL, where keep = (by_red | by_spatial) & img_keep
+            codes = (by_red.to(torch.uint8) * KEEP_REDUNDANT + by_spatial.to(torch.uint8) * KEEP_SPATIAL) \
+                * state.img_keep
+            state.keep_codes.append(codes)
+            keep = codes != 0
+        else:
+            keep = (by_red | by_spatial) & state.img_keep
         if state.hard or state.img_mask is not None:
-            new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+            new = prev.masked_fill(~keep, float("-inf"))
         else:  # the paper's soft masks, accumulated in log space
             new = prev + soft
         state.img_soft = state.img_soft + soft.detach()
@@ -92,14 +98,19 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         else:
             ranking = atp_ops.redundant_score(s_self, s_cross, kept)
         keep = top_k(ranking, kept, config.fixed_keep[config.layers.index(layer)])
-        new = torch.where(keep, prev, torch.full_like(prev, float("-inf")))
+        new = prev.masked_fill(~keep, float("-inf"))
         state.img_soft = new
         if state.hard:
             state.keep_codes.append(keep.to(torch.uint8) * KEEP_REDUNDANT)
     state.img_bias = new
     state.img_keep = keep
-    state.kept_hard.append(keep.sum(-1).to(prev.dtype))
-    state.kept_soft.append(state.img_soft.exp().sum(-1))
+    # The hard counts. With hard masks ``new`` is 0 on the kept tokens and -inf elsewhere (so is
+    # img_soft in the fixed-count modes): exp(new).sum(-1) is this very count, an exact integer
+    # in floating point, so the count is computed once and appended to every list it equals.
+    hard_count = keep.sum(-1).to(prev.dtype)
+    state.kept_hard.append(hard_count)
+    hard_bias = state.hard or config.mode != "adaptive"  # new (and img_bias) is 0 / -inf
+    state.kept_soft.append(hard_count if config.mode != "adaptive" else state.img_soft.exp().sum(-1))
     if state.img_mask is not None:
         # Straight-through (ATPConfig.budget "hard"): the value of the hard mask, the
         # gradient of the soft one; the layers see it as a multiplicative key_mask.
@@ -108,7 +119,7 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         state.kept.append(state.img_mask.sum(-1))
         state.current_mask = lay.scatter(state.img_mask, torch.ones_like(lay.pad_bias))
     else:
-        state.kept.append(new.exp().sum(-1))
+        state.kept.append(hard_count if hard_bias else new.exp().sum(-1))
         state.current_bias = lay.scatter(new, lay.pad_bias)
     return drop(state, hidden)
 
@@ -119,17 +130,17 @@ def drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
     if not state.prune:
         return hidden
     view = state.view
-    bias = state.current_bias if view is None else gather_slots(state.current_bias, view.orig, float("-inf"))
-    keep = torch.isfinite(bias)
+    bias = state.current_bias if view is None else view.gather(state.current_bias, float("-inf"))
+    keep = bias > float("-inf")  # isfinite(bias) in one op: a key bias is <= 0, never +inf
     # A host sync: whether anything left decides whether the layers' inputs move (and
     # SeqView.keep syncs once more for the new length); both are shapes that depend on data.
     if view is not None and torch.equal(keep, view.valid):
         state.current_bias = bias
         return hidden
     state.view = SeqView.keep(keep, view, state.layout.seq_len)
-    state.current_bias = gather_slots(bias, state.view.src, float("-inf"))
+    state.current_bias = state.view.gather_src(bias, float("-inf"))
     state.position_embeddings = state.position_ids = None
-    return gather_slots(hidden, state.view.src)
+    return state.view.gather_src(hidden)
 
 
 def image_scores(lay: VisionLayout, view: Optional[SeqView], q, k, lse, bias_used, prev_img_bias, cross_rows,
@@ -160,7 +171,9 @@ def image_scores(lay: VisionLayout, view: Optional[SeqView], q, k, lse, bias_use
         w_self = lse.new_zeros(pos.shape[0], lc + 1, dtype=torch.float32).scatter_(
             1, pos, images_of(w_img).to(torch.float32))
         rows = images_of(cross_rows)
-        w_cross = per_sample((rows if view is None else gather_slots(rows, rows_of(view.orig), False)).float())
+        if view is not None:
+            rows = view.gather(rows, False) if slot.every_sample else gather_slots(rows, view.orig[slot.samples], False)
+        w_cross = per_sample(rows.float())
         ss, sc = atp_ops.atp_scores(q, k, lse, bias_used, per_sample(w_self)[:, :lc].contiguous(), w_cross,
                                     causal=causal, scale=scale)
         ss = rows_of(torch.nn.functional.pad(ss, (0, 1))).gather(1, pos).float()
@@ -179,7 +192,10 @@ def top_k(score: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
     """(I, N) bool: the ``k`` tokens with the highest ``score`` among each image's ``kept``
     ones (all of them where fewer are kept). The fixed-ratio baseline's selection (paper
     Table 2; FastV with S_cross as the score) and the hard masks' floor (ATPConfig.min_keep)."""
-    ranked = torch.where(kept, score, torch.full_like(score, float("-inf")))
+    ranked = score.masked_fill(~kept, float("-inf"))
+    if k == 1:
+        # the first highest (argmax's tie rule, the stable descending argsort's first entry)
+        return torch.zeros_like(kept).scatter_(1, ranked.argmax(-1, keepdim=True), True) & kept
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                             .expand_as(order))

@@ -37,14 +37,14 @@ def forward_stats(state: ATPState, atp: ATPModules, config: ATPConfig, num_layer
     k = len(config.layers)
     if len(state.kept) != k:
         raise RuntimeError(f"ATP-LLaVA: {len(state.kept)} of {k} ATP layers ran in this forward")
-    def per_sample(counts: List[torch.Tensor]) -> torch.Tensor:  # (B, K) tokens per image
-        return lay.per_sample_mean(torch.stack(counts, 1) if lay.num_images else lay.pad_bias.new_zeros(0, k))
-
-    kept = per_sample(state.kept)
+    kept, kept_soft, kept_hard = _per_sample_counts(lay, k, state.kept, state.kept_soft, state.kept_hard)
     losses = atp_losses(kept, lay, config.layers, num_layers, config.target_tokens, config.target_loss,
                         config.target_delta, config.target_ratio)
-    kept_soft, kept_hard = per_sample(state.kept_soft).detach(), per_sample(state.kept_hard)
-    n_bar_hard = n_bar(kept_hard, lay, config.layers, num_layers)[2]
+    # The N_bar of counts that are the budget losses' own (the same tensor: hard masks) is theirs.
+    same_soft, same_hard = kept_soft is kept, kept_hard is kept
+    kept_soft, kept_hard = kept_soft.detach(), kept_hard.detach()
+    n_bar_soft = losses["n_bar_batch"].detach() if same_soft else n_bar(kept_soft, lay, config.layers, num_layers)[2]
+    n_bar_hard = losses["n_bar_batch"].detach() if same_hard else n_bar(kept_hard, lay, config.layers, num_layers)[2]
     weight = atp.budget_weight.detach().clone()  # the value this forward's loss uses
     step_error = None
     if config.mode == "adaptive":
@@ -67,7 +67,7 @@ def forward_stats(state: ATPState, atp: ATPModules, config: ATPConfig, num_layer
         "tokens": kept.detach(),
         "tokens_soft": kept_soft,
         "tokens_hard": kept_hard,
-        "n_bar_soft": n_bar(kept_soft, lay, config.layers, num_layers)[2],
+        "n_bar_soft": n_bar_soft,
         "n_bar_hard": n_bar_hard,
         "budget_weight": weight,
         "budget_error": step_error,
@@ -90,12 +90,36 @@ def forward_stats(state: ATPState, atp: ATPModules, config: ATPConfig, num_layer
     cost = run_cost(losses["per_layer"].detach() * lay.images_per_sample[:, None], real - n_vis, n_vis,
                     *dims, bytes_per_element=bytes_per_element)
     stats.update(cost)
-    if state.theta_r:
-        stats["theta_r"] = lay.per_sample_mean(torch.stack(state.theta_r, 1)).detach()
-        stats["theta_s"] = lay.per_sample_mean(torch.stack(state.theta_s, 1)).detach()
+    if state.theta_r:  # both in one (B, 2K) mean: the same values, column by column
+        thetas = lay.per_sample_mean(torch.stack(state.theta_r + state.theta_s, 1)).detach()
+        stats["theta_r"], stats["theta_s"] = thetas[:, :k], thetas[:, k:]
     live = {"loss_atp": losses["loss_atp"], "loss_target": losses["loss_target"],
             "n_bar_batch": losses["n_bar_batch"]}
     return stats, extra, live
+
+
+def _per_sample_counts(lay: VisionLayout, k: int, *lists: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """(B, K) tokens per image of each list of K (I,) counts (the per-sample mean over its
+    images). Lists that hold the very same tensors (the hard masks' counts: step.atp_step) give
+    one and the same tensor; the others are averaged in one (B, n K) mean, which gives every
+    column what it gives alone."""
+    distinct: List[List[torch.Tensor]] = []
+    which = []
+    for counts in lists:
+        j = next((i for i, d in enumerate(distinct) if len(d) == len(counts)
+                  and all(a is b for a, b in zip(d, counts))), None)
+        if j is None:
+            j = len(distinct)
+            distinct.append(counts)
+        which.append(j)
+    if not lay.num_images:
+        means = [lay.per_sample_mean(lay.pad_bias.new_zeros(0, k)) for _ in distinct]
+    elif len(distinct) == 1:
+        means = [lay.per_sample_mean(torch.stack(distinct[0], 1))]
+    else:
+        both = lay.per_sample_mean(torch.stack([c for d in distinct for c in d], 1))
+        means = list(both.split(k, dim=1))
+    return tuple(means[j] for j in which)
 
 
 class BudgetWindow:

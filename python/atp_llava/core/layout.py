@@ -297,17 +297,29 @@ class VisionLayout:
         the key bias from ``pad_bias`` and the images' log masks. Differentiable in img_values."""
         if self.num_images == 0:
             return base
-        rows = self.image_sample[:, None].expand_as(self.image_pos)
-        cols = torch.where(self.image_valid, self.image_pos, self.seq_len)  # past the count: a spare column
         spare = torch.cat([base, base[:, :1]], dim=1)
-        return spare.index_put((rows.reshape(-1), cols.reshape(-1)), img_values.reshape(-1).to(base.dtype))[:, :-1]
+        return spare.index_put(self._scatter_index, img_values.reshape(-1).to(base.dtype))[:, :-1]
+
+    @cached_property
+    def _scatter_index(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of every image token in (B, L + 1), flat; past an image's count the spare
+        column L. Made at the first ``scatter`` of a forward and shared by its ATP layers."""
+        rows = self.image_sample[:, None].expand_as(self.image_pos)
+        cols = torch.where(self.image_valid, self.image_pos, self.seq_len)
+        return rows.reshape(-1), cols.reshape(-1)
 
     def per_sample_mean(self, per_image: torch.Tensor) -> torch.Tensor:
         """(I, ...) -> (B, ...): mean over each sample's images (0 for samples without one)."""
         out = per_image.new_zeros((self.batch,) + per_image.shape[1:])
         out = out.index_add(0, self.image_sample, per_image)
-        denom = self.images_per_sample.clamp_min(1).to(per_image.dtype)
-        return out / denom.view((-1,) + (1,) * (per_image.dim() - 1))
+        return out / self._images_at_least_one(per_image.dtype).view((-1,) + (1,) * (per_image.dim() - 1))
+
+    def _images_at_least_one(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) ``images_per_sample.clamp_min(1)`` in ``dtype``, made once per layout and dtype."""
+        cache = self.__dict__.setdefault("_denominators", {})
+        if dtype not in cache:
+            cache[dtype] = self.images_per_sample.clamp_min(1).to(dtype)
+        return cache[dtype]
 
 
 def valid_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -350,12 +362,14 @@ class SeqView:
         src    (B, Lc) long: the slot of the previous view (or original position) it came from
         valid  (B, Lc) bool: slot holds a token
         inv    (B, L) long: the slot of each original position, Lc where it is gone
+        tokens the valid slots in all (an int, known to ``keep``; None: not counted)
     """
 
     orig: torch.Tensor
     src: torch.Tensor
     valid: torch.Tensor
     inv: torch.Tensor
+    tokens: Optional[int] = None
 
     @property
     def length(self) -> int:
@@ -380,12 +394,25 @@ class SeqView:
         slots -> this view's."""
         return _gather(x, *self._src_index, fill)
 
+    @staticmethod
+    def sizes(counts: torch.Tensor) -> Tuple[int, int]:
+        """(the longest row, the sum) of ``counts`` (B,), the tokens each row keeps: the new
+        view's length and its tokens, in one host sync (the length is a shape that depends on
+        data)."""
+        if counts.shape[0] == 0:
+            return 0, 0
+        length, tokens = torch.stack([counts.max(), counts.sum()]).tolist()
+        return int(length), int(tokens)
+
     @classmethod
-    def keep(cls, keep: torch.Tensor, prev: Optional["SeqView"], seq_len: int) -> "SeqView":
-        """The view of the slots of ``prev`` (identity if None) where ``keep`` (B, Lc_prev) holds."""
+    def keep(cls, keep: torch.Tensor, prev: Optional["SeqView"], seq_len: int,
+             counts: Optional[torch.Tensor] = None, sizes: Optional[Tuple[int, int]] = None) -> "SeqView":
+        """The view of the slots of ``prev`` (identity if None) where ``keep`` (B, Lc_prev) holds
+        (``keep`` within ``prev.valid``). ``counts`` (``keep.sum(1)``) and ``sizes``
+        (``SeqView.sizes(counts)``) where the caller has them."""
         b, n = keep.shape
-        counts = keep.sum(1)
-        length = int(counts.max().item()) if b else 0  # the one host sync: the new length
+        counts = keep.sum(1) if counts is None else counts
+        length, tokens = SeqView.sizes(counts) if sizes is None else sizes  # the one host sync
         # Each kept column's slot; dropped columns go to a spare slot (length) that is cut off.
         slot = torch.where(keep, keep.cumsum(1) - 1 + (length - counts)[:, None], length)
         cols = torch.arange(n, device=keep.device).expand(b, n)
@@ -395,7 +422,7 @@ class SeqView:
         slots = torch.arange(length, device=keep.device).expand(b, length)
         inv = _scatter_cut(torch.full((b, seq_len), length, dtype=torch.long, device=keep.device),
                            torch.where(valid, orig, seq_len), slots)
-        return cls(orig=orig, src=src, valid=valid, inv=inv)
+        return cls(orig=orig, src=src, valid=valid, inv=inv, tokens=tokens)
 
     def untake(self, x: torch.Tensor, seq_len: int, fill: float = 0.0) -> torch.Tensor:
         """x (B, Lc, ...) in slots -> (B, L, ...) in original positions; ``fill`` where gone."""

@@ -90,12 +90,20 @@ class ATPReport:
     @classmethod
     def from_stats(cls, stats: Dict[str, Any]) -> "ATPReport":
         """From the ``atp_stats`` of one forward."""
-        f = lambda k: stats[k].detach().double().cpu()  # noqa: E731
-        return cls(atp_layers=tuple(stats["layers"]), n_bar=f("n_bar"), vision_tokens=f("tokens_per_layer"),
-                   tokens_seen=f("tokens_seen"), flops_per_layer=f("flops_per_layer"), flops=f("flops"),
-                   flops_full=f("flops_full"), kv_cache_bytes_per_layer=f("kv_cache_bytes_per_layer"),
-                   kv_cache_bytes=f("kv_cache_bytes"), kv_cache_bytes_full=f("kv_cache_bytes_full"),
-                   kv_cache_bytes_final=f("kv_cache_bytes"), kv_cache_bytes_final_full=f("kv_cache_bytes_full"))
+        names = ("n_bar", "tokens_per_layer", "tokens_seen", "flops_per_layer", "flops", "flops_full",
+                 "kv_cache_bytes_per_layer", "kv_cache_bytes", "kv_cache_bytes_full")
+        values = [stats[k].detach().double() for k in names]
+        if any(v.device.type != "cpu" for v in values):
+            # the report's one device-to-host copy (a host report of a forward on the device)
+            flat = torch.cat([v.reshape(-1) for v in values]).cpu()
+            values = [part.view(v.shape) for part, v in zip(flat.split([v.numel() for v in values]), values)]
+        v = dict(zip(names, values))
+        return cls(atp_layers=tuple(stats["layers"]), n_bar=v["n_bar"], vision_tokens=v["tokens_per_layer"],
+                   tokens_seen=v["tokens_seen"], flops_per_layer=v["flops_per_layer"], flops=v["flops"],
+                   flops_full=v["flops_full"], kv_cache_bytes_per_layer=v["kv_cache_bytes_per_layer"],
+                   kv_cache_bytes=v["kv_cache_bytes"], kv_cache_bytes_full=v["kv_cache_bytes_full"],
+                   kv_cache_bytes_final=v["kv_cache_bytes"],
+                   kv_cache_bytes_final_full=v["kv_cache_bytes_full"])
 
     def with_generated(self, generated: int, kv_bytes_per_token_layer: int) -> "ATPReport":
         """The report of a generate() call that returned ``generated`` new tokens: all but the last

@@ -23,6 +23,7 @@ __all__ = ["KEEP_REDUNDANT", "KEEP_SPATIAL", "atp_step", "drop", "image_scores",
 KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed, fastv and
                     # random modes: selected)
 KEEP_SPATIAL = 2    # S_spatial > theta_s
+assert KEEP_REDUNDANT == 1  # atp_step writes the codes as by_red + KEEP_SPATIAL * by_spatial
 
 
 def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules, config: ATPConfig,
@@ -77,8 +78,7 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         if state.hard:
             # the keep codes first, and the keep mask from them: (by_red & keep) * KEEP_REDUNDANT
             # + (by_spatial & keep) * KEEP_SPATIAL, where keep = (by_red | by_spatial) & img_keep
-            codes = (by_red.to(torch.uint8) * KEEP_REDUNDANT + by_spatial.to(torch.uint8) * KEEP_SPATIAL) \
-                * state.img_keep
+            codes = by_red.to(torch.uint8).add_(by_spatial.to(torch.uint8), alpha=KEEP_SPATIAL).mul_(state.img_keep)
             state.keep_codes.append(codes)
             keep = codes != 0
         else:
@@ -132,12 +132,18 @@ def drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
     view = state.view
     bias = state.current_bias if view is None else view.gather(state.current_bias, float("-inf"))
     keep = bias > float("-inf")  # isfinite(bias) in one op: a key bias is <= 0, never +inf
-    # A host sync: whether anything left decides whether the layers' inputs move (and
-    # SeqView.keep syncs once more for the new length); both are shapes that depend on data.
-    if view is not None and torch.equal(keep, view.valid):
+    counts = keep.sum(1)
+    # The pruned forward's one host sync per ATP layer (SeqView.sizes): the new length, a shape
+    # that depends on data, and the tokens kept, which say whether any left (keep lies within
+    # view.valid: the empty slots' bias is -inf), hence whether the layers' inputs move.
+    sizes = SeqView.sizes(counts)
+    if view is not None and view.tokens is not None and sizes[1] == view.tokens:
         state.current_bias = bias
         return hidden
-    state.view = SeqView.keep(keep, view, state.layout.seq_len)
+    if view is not None and view.tokens is None and torch.equal(keep, view.valid):  # a view made elsewhere
+        state.current_bias = bias
+        return hidden
+    state.view = SeqView.keep(keep, view, state.layout.seq_len, counts, sizes)
     state.current_bias = state.view.gather_src(bias, float("-inf"))
     state.position_embeddings = state.position_ids = None
     return state.view.gather_src(hidden)
@@ -205,7 +211,5 @@ def top_k(score: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
 def last_rows(rows: torch.Tensor) -> torch.Tensor:
     """(I, L) bool -> the same with only the last True of each row kept (FastV's one query row)."""
     last = torch.where(rows, torch.arange(rows.shape[1], device=rows.device), -1).amax(1)
-    out = torch.zeros_like(rows)
-    has = last >= 0
-    out[has.nonzero().squeeze(1), last[has]] = True
-    return out
+    # no host sync: a row without any True writes False over its column 0
+    return torch.zeros_like(rows).scatter_(1, last.clamp_min(0)[:, None], (last >= 0)[:, None])

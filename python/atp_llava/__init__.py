@@ -6,7 +6,8 @@
 from .core.attention import ATTN_IMPLEMENTATION
 from .core.config import ATPConfig
 from .core.efficiency import ATPReport, layer_flops, run_cost
-from .core.layout import SeqView, VisionLayout
+from .core.layout import VisionLayout
+from .core.seqview import SeqView
 from .core.losses import atp_losses, tokens_per_layer
 from .core.modules import ATPModules, ThresholdMLP
 from .core.optim import DEFAULT_LR_ATP, DEFAULT_LR_LM, param_groups

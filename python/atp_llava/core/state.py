@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import flash
-from .layout import SeqView, VisionLayout, padding_bias
+from .layout import VisionLayout, padding_bias
+from .seqview import SeqView
 from .modules import ATPModules
 
 __all__ = ["ATPHandle", "ATPState", "CacheState", "DecodeState", "state_of"]

@@ -12,7 +12,8 @@ import torch
 import atp_ops
 
 from .config import ATPConfig
-from .layout import SeqView, VisionLayout, gather_slots
+from .layout import VisionLayout
+from .seqview import SeqView, gather_slots
 from .modules import ATPModules
 from .state import ATPState
 

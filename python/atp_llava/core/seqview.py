@@ -42,14 +42,14 @@ class SeqView:
         src    (B, Lc) long: the slot of the previous view (or original position) it came from
         valid  (B, Lc) bool: slot holds a token
         inv    (B, L) long: the slot of each original position, Lc where it is gone
-        tokens the valid slots in all (an int, known to ``keep``; None: not counted)
+        tokens the valid slots in all (known to ``keep``, which makes every view)
     """
 
     orig: torch.Tensor
     src: torch.Tensor
     valid: torch.Tensor
     inv: torch.Tensor
-    tokens: Optional[int] = None
+    tokens: int
 
     @property
     def length(self) -> int:

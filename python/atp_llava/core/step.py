@@ -13,8 +13,8 @@ import atp_ops
 
 from .config import ATPConfig
 from .layout import VisionLayout
-from .seqview import SeqView, gather_slots
 from .modules import ATPModules
+from .seqview import SeqView, gather_slots
 from .state import ATPState
 
 __all__ = ["KEEP_REDUNDANT", "KEEP_SPATIAL", "atp_step", "drop", "image_scores", "top_k", "last_rows"]
@@ -24,7 +24,6 @@ __all__ = ["KEEP_REDUNDANT", "KEEP_SPATIAL", "atp_step", "drop", "image_scores",
 KEEP_REDUNDANT = 1  # S_red > theta_r, or among the image's top ATPConfig.min_keep by S_red (fixed, fastv and
                     # random modes: selected)
 KEEP_SPATIAL = 2    # S_spatial > theta_s
-assert KEEP_REDUNDANT == 1  # atp_step writes the codes as by_red + KEEP_SPATIAL * by_spatial
 
 
 def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules, config: ATPConfig,
@@ -79,7 +78,8 @@ def atp_step(state: ATPState, layer: int, hidden: torch.Tensor, atp: ATPModules,
         if state.hard:
             # the keep codes first, and the keep mask from them: (by_red & keep) * KEEP_REDUNDANT
             # + (by_spatial & keep) * KEEP_SPATIAL, where keep = (by_red | by_spatial) & img_keep
-            codes = by_red.to(torch.uint8).add_(by_spatial.to(torch.uint8), alpha=KEEP_SPATIAL).mul_(state.img_keep)
+            codes = (by_red.to(torch.uint8) * KEEP_REDUNDANT).add_(by_spatial.to(torch.uint8), alpha=KEEP_SPATIAL) \
+                .mul_(state.img_keep)
             state.keep_codes.append(codes)
             keep = codes != 0
         else:
@@ -138,10 +138,7 @@ def drop(state: ATPState, hidden: torch.Tensor) -> torch.Tensor:
     # that depends on data, and the tokens kept, which say whether any left (keep lies within
     # view.valid: the empty slots' bias is -inf), hence whether the layers' inputs move.
     sizes = SeqView.sizes(counts)
-    if view is not None and view.tokens is not None and sizes[1] == view.tokens:
-        state.current_bias = bias
-        return hidden
-    if view is not None and view.tokens is None and torch.equal(keep, view.valid):  # a view made elsewhere
+    if view is not None and sizes[1] == view.tokens:
         state.current_bias = bias
         return hidden
     state.view = SeqView.keep(keep, view, state.layout.seq_len, counts, sizes)

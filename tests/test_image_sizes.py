@@ -85,10 +85,10 @@ def test_any_image_size_trains_and_prunes(family, data):
     images = [data.draw(SIZES[family], label=f"sample {i}") for i in range(2)]
     stock = _stock(family)
     batch = f64(family_batch(stock, images, seed=0, padding="right"))
-    lay = layout_of(apply_atp(copy.deepcopy(stock), ATPConfig(layers=(1, 2, 3), target_ratio=0.5)), batch)
 
     # training: the threshold MLPs see every image, the loss and every gradient are finite
     model = apply_atp(copy.deepcopy(stock), ATPConfig(layers=(1, 2, 3), target_ratio=0.5)).train()
+    lay = layout_of(model, batch)
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
